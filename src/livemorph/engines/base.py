@@ -1,0 +1,61 @@
+"""The engine seam: what the session pipeline asks of a model.
+
+An `Engine` is loaded once per process (weights, runtimes). Each streaming session gets
+its own `EngineSession` holding that session's controls (prompt, reference image). The
+pipeline calls `configure` and `transform` from worker threads, never concurrently for
+one session, so an engine session needs no locking of its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from av import VideoFrame
+
+from ..models import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """What a client has asked for. No prompt and no image means passthrough."""
+
+    prompt: str | None = None
+    enhance: bool = True
+    image: np.ndarray | None = None
+
+    @property
+    def passthrough(self) -> bool:
+        return self.prompt is None and self.image is None
+
+
+class EngineSession(ABC):
+    """Per-session engine state; lives as long as one streaming session."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def configure(self, controls: Controls) -> None:
+        """Apply new controls; may be slow (embedding an image). Runs off the event loop."""
+
+    @abstractmethod
+    def transform(self, frame: VideoFrame) -> VideoFrame:
+        """One camera frame in, one output frame at the model's size out."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release per-session resources."""
+
+
+class Engine(ABC):
+    """A loaded model; one instance per process, shared by its sessions."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def open_session(self, spec: ModelSpec) -> EngineSession: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release process-wide resources (runtimes, thread pools)."""

@@ -1,0 +1,70 @@
+"""Which engine serves which model, loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..models import CATALOG, ModelSpec, UnknownModelError
+from .base import Engine
+from .grade import GradeEngine
+from .passthrough import PassthroughEngine
+
+logger = logging.getLogger(__name__)
+
+#: Engine factories by name. Engines import heavy runtimes lazily inside their factory.
+ENGINE_FACTORIES: dict[str, Callable[[], Engine]] = {
+    "passthrough": PassthroughEngine,
+    "grade": GradeEngine,
+}
+
+#: The engine each model uses unless configured otherwise; None: not served here yet.
+DEFAULT_ENGINES: dict[str, str | None] = {
+    "mirage": "grade",
+    "mirage_v2": "grade",
+    "lucy_v2v_720p_rt": "grade",
+    "lucy_2_rt": "grade",
+    "live_avatar": None,
+}
+
+
+class ModelNotAvailable(LookupError):
+    """The model exists in the catalog but this server has no engine for it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model not available on this server: {name}")
+
+
+class EngineRegistry:
+    """Maps model names to loaded engines; `override` forces one engine for all models."""
+
+    def __init__(self, override: str | None = None) -> None:
+        if override is not None and override not in ENGINE_FACTORIES:
+            known = ", ".join(sorted(ENGINE_FACTORIES))
+            raise ValueError(f"unknown engine {override!r} (known: {known})")
+        self._override = override
+        self._loaded: dict[str, Engine] = {}
+
+    def engine_name(self, model: str) -> str | None:
+        if model not in CATALOG:
+            raise UnknownModelError(model)
+        default = DEFAULT_ENGINES.get(model)
+        if default is None:
+            return None
+        return self._override or default
+
+    def resolve(self, model: str) -> tuple[ModelSpec, Engine]:
+        """The model's spec and its loaded engine; raises UnknownModelError/ModelNotAvailable."""
+        name = self.engine_name(model)
+        if name is None:
+            raise ModelNotAvailable(model)
+        engine = self._loaded.get(name)
+        if engine is None:
+            logger.info("loading engine %s", name)
+            engine = self._loaded[name] = ENGINE_FACTORIES[name]()
+        return CATALOG[model], engine
+
+    def close(self) -> None:
+        for engine in self._loaded.values():
+            engine.close()
+        self._loaded.clear()

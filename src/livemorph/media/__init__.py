@@ -1,0 +1,1 @@
+"""Media plumbing between WebRTC tracks and engines: hand-offs, output tracks, receive path."""

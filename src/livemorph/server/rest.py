@@ -1,0 +1,140 @@
+"""The REST endpoints: health, the model catalog, and client-token minting."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..models import CATALOG
+from .state import AppState
+
+router = APIRouter()
+
+
+class ModelInfo(BaseModel):
+    name: str
+    fps: int
+    width: int
+    height: int
+    kind: str
+    available: bool = Field(description="Whether this server has an engine for the model.")
+
+
+class RealtimeConstraints(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    maxSessionDuration: int | None = Field(default=None, ge=1, le=86_400)
+
+
+class TokenConstraints(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    realtime: RealtimeConstraints | None = None
+
+
+class TokenRequest(BaseModel):
+    """All optional. The browser SDK sends no body and no content type at all."""
+
+    model_config = ConfigDict(extra="ignore")
+    metadata: dict[str, Any] | None = None
+    expiresIn: int = Field(default=60, ge=1, le=3600, strict=True)
+    allowedModels: list[str] | None = Field(default=None, max_length=20)
+    constraints: TokenConstraints | None = None
+
+
+class TokenResponse(BaseModel):
+    apiKey: str
+    expiresAt: str
+    permissions: dict[str, list[str]] | None = None
+    constraints: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.livemorph
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@router.get("/healthz", tags=["service"])
+async def healthz(request: Request) -> dict[str, Any]:
+    """200 once the server accepts sessions; also how many sessions run here."""
+    return {"status": "ok", "active_sessions": len(_state(request).sessions)}
+
+
+@router.get("/v1/models", tags=["realtime"])
+async def list_models(request: Request) -> list[ModelInfo]:
+    """The realtime model catalog, with what each model expects from the camera."""
+    engines = _state(request).engines
+    return [
+        ModelInfo(**spec.to_dict(), available=engines.engine_name(name) is not None)
+        for name, spec in CATALOG.items()
+    ]
+
+
+@router.post(
+    "/v1/client/tokens",
+    tags=["auth"],
+    response_model=TokenResponse,
+    responses={
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": TokenRequest.model_json_schema()}},
+        }
+    },
+)
+async def create_client_token(
+    request: Request,
+    x_api_key: Annotated[str | None, Header(alias="X-API-KEY")] = None,
+) -> Any:
+    """Mint a short-lived client token from a permanent key, for use in a browser."""
+    state = _state(request)
+    principal = await state.store.authenticate(x_api_key)
+    if principal is None:
+        return error(401, "invalid api key")
+    if principal.is_client_token:
+        return error(403, "permission denied: a client token cannot mint tokens")
+    raw = await request.body()
+    try:
+        body = TokenRequest.model_validate(json.loads(raw) if raw.strip() else {})
+    except (ValueError, ValidationError) as exc:
+        return error(400, f"invalid request body: {_describe(exc)}")
+    unknown = [m for m in body.allowedModels or [] if m not in CATALOG]
+    if unknown:
+        return error(400, f"invalid request body: unknown models {unknown}")
+    constraints = body.constraints.model_dump(exclude_none=True) if body.constraints else None
+    secret, token = await state.store.create_client_token(
+        principal.key_id,
+        expires_in=body.expiresIn,
+        allowed_models=body.allowedModels,
+        constraints=constraints or None,
+        metadata=body.metadata,
+    )
+    return TokenResponse(
+        apiKey=secret,
+        expiresAt=token.expires_at.isoformat().replace("+00:00", "Z"),
+        permissions={"models": body.allowedModels} if body.allowedModels else None,
+        constraints=constraints or None,
+    ).model_dump(exclude_none=True)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return f"{where}: {first['msg']}"
+    if isinstance(exc, json.JSONDecodeError):
+        return "not valid JSON"
+    return str(exc)

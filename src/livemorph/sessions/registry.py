@@ -1,0 +1,32 @@
+"""The sessions this node hosts, by id."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .session import Session
+
+
+class SessionRegistry:
+    def __init__(self, max_sessions: int | None = None) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    @property
+    def full(self) -> bool:
+        return self.max_sessions is not None and len(self._sessions) >= self.max_sessions
+
+    def add(self, session: Session) -> None:
+        self._sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))

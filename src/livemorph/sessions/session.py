@@ -1,0 +1,226 @@
+"""One publishing session: its peer connection, pipeline, usage clock and viewers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import candidate_from_sdp
+
+from ..engines.base import Controls, EngineSession
+from ..media.jitter import install_on_peer_connection
+from ..models import ModelSpec
+from ..storage import Principal
+from .pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class SessionEnded(Exception):
+    """The session is over; `reason` is what `generation_ended` said."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def new_peer_connection() -> RTCPeerConnection:
+    """A peer connection with no STUN/TURN: clients reach this node directly."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def add_ice_candidate(pc: RTCPeerConnection, payload: dict[str, Any] | None) -> None:
+    """Apply a trickled candidate; `None` or an empty string means end of candidates."""
+    if not payload or not payload.get("candidate"):
+        return
+    text = str(payload["candidate"])
+    candidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
+    candidate.sdpMid = payload.get("sdpMid")
+    index = payload.get("sdpMLineIndex")
+    candidate.sdpMLineIndex = int(index) if index is not None else None
+    await pc.addIceCandidate(candidate)
+
+
+class Session:
+    """A camera in, transformed video out; torn down completely by `close`."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        principal: Principal,
+        engine: EngineSession,
+        executor: Executor,
+        send: Send,
+    ) -> None:
+        self.id = secrets.token_urlsafe(12)
+        self.spec = spec
+        self.principal = principal
+        self._send = send
+        self.controls = Controls()
+        self.pipeline = Pipeline(engine, executor, on_first_frame=self._on_first_frame)
+        self.relay = MediaRelay()
+        self.audio: MediaStreamTrack | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.viewers: set[Viewer] = set()
+        self.seconds = 0
+        self.ended = asyncio.Event()
+        self.end_reason: str | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- control ----------------------------------------------------------------------
+
+    async def apply(self, controls: Controls) -> None:
+        """Make `controls` govern the next frame, then remember them."""
+        await self.pipeline.apply(controls)
+        self.controls = controls
+
+    # -- media ------------------------------------------------------------------------
+
+    async def accept_offer(self, sdp: str) -> str:
+        """Answer the client's offer: its video goes into the pipeline, its audio comes back."""
+        if self.pc is not None:
+            raise ValueError("this session already has a peer connection")
+        pc = self.pc = new_peer_connection()
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                self.pipeline.consume(track)
+                pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
+            elif track.kind == "audio" and self.audio is None:
+                self.audio = track
+                pc.addTrack(self.relay.subscribe(track, buffered=False))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not self._closing:
+                logger.info("session %s: peer connection %s", self.id, pc.connectionState)
+                await self.close("peer_connection_" + pc.connectionState, notify=False)
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        install_on_peer_connection(pc)
+        kinds_sent = {t.kind for t in pc.getTransceivers() if t.sender.track is not None}
+        if "video" not in kinds_sent and any(t.kind == "video" for t in pc.getTransceivers()):
+            # A recvonly video offer (an avatar) still gets the model's output.
+            pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription.sdp
+
+    async def add_ice_candidate(self, payload: dict[str, Any] | None) -> None:
+        if self.pc is None:
+            raise ValueError("ice-candidate before offer")
+        await add_ice_candidate(self.pc, payload)
+
+    # -- usage ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_first_frame(self) -> None:
+        self._spawn(self._send({"type": "generation_started"}))
+        self._ticker = asyncio.create_task(self._tick(), name=f"ticks-{self.id}")
+
+    async def _tick(self) -> None:
+        """Count generated seconds on a drift-free schedule; end at the token's limit."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        limit = self.principal.max_session_seconds
+        while True:
+            await asyncio.sleep(max(0.0, start + self.seconds + 1 - loop.time()))
+            self.seconds += 1
+            await self._send({"type": "generation_tick", "seconds": self.seconds})
+            if limit is not None and self.seconds >= limit:
+                self._spawn(self.close("max_duration"))
+                return
+
+    # -- viewers ----------------------------------------------------------------------
+
+    async def add_viewer(self, send: Send) -> Viewer:
+        viewer = Viewer(self, send)
+        self.viewers.add(viewer)
+        return viewer
+
+    # -- teardown ---------------------------------------------------------------------
+
+    async def close(self, reason: str = "client_disconnected", *, notify: bool = True) -> None:
+        """End everything this session holds. Safe to call more than once."""
+        if self._closing:
+            await self.ended.wait()
+            return
+        self._closing = True
+        self.end_reason = reason
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        if notify:
+            await self._send(
+                {"type": "generation_ended", "seconds": self.seconds, "reason": reason}
+            )
+        await asyncio.gather(*(viewer.close() for viewer in list(self.viewers)))
+        await self.pipeline.close()
+        if self.audio is not None:
+            self.audio.stop()
+        if self.pc is not None:
+            await self.pc.close()
+        self.ended.set()
+        logger.info("session %s ended (%s) after %ss", self.id, reason, self.seconds)
+
+
+class Viewer:
+    """Watches a session's output through the relay; never steers it."""
+
+    def __init__(self, session: Session, send: Send) -> None:
+        self.session = session
+        self._send = send
+        self.pc: RTCPeerConnection | None = None
+        self._tracks: list[MediaStreamTrack] = []
+        self.ended = asyncio.Event()
+
+    async def accept_offer(self, sdp: str) -> str:
+        if self.pc is not None:
+            raise ValueError("this viewer already has a peer connection")
+        pc = self.pc = new_peer_connection()
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.close()
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        sources = {"video": self.session.pipeline.track, "audio": self.session.audio}
+        offered = {transceiver.kind for transceiver in pc.getTransceivers()}
+        for kind, source in sources.items():
+            if source is not None and kind in offered:
+                track = self.session.relay.subscribe(source, buffered=False)
+                self._tracks.append(track)
+                pc.addTrack(track)
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription.sdp
+
+    async def add_ice_candidate(self, payload: dict[str, Any] | None) -> None:
+        if self.pc is None:
+            raise ValueError("ice-candidate before offer")
+        await add_ice_candidate(self.pc, payload)
+
+    async def close(self) -> None:
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        self.session.viewers.discard(self)
+        for track in self._tracks:
+            track.stop()
+        if self.pc is not None:
+            await self.pc.close()

@@ -1,0 +1,59 @@
+"""Real media for tests: a camera-like track showing scikit-image's astronaut photo."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamTrack
+from av import VideoFrame
+from PIL import Image
+from skimage import data
+
+CLOCK_RATE = 90_000
+
+
+def photo(width: int, height: int) -> np.ndarray:
+    """The astronaut photo, cropped and scaled to `width` x `height` RGB."""
+    image = Image.fromarray(data.astronaut())
+    side = image.width
+    crop_h = int(side * height / width)
+    top = (image.height - crop_h) // 2
+    return np.asarray(image.crop((0, top, side, top + crop_h)).resize((width, height)))
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+class SceneTrack(MediaStreamTrack):
+    """A paced video track of a still photo with a slowly drifting patch (some motion)."""
+
+    kind = "video"
+
+    def __init__(self, width: int, height: int, fps: float = 25) -> None:
+        super().__init__()
+        self._base = photo(width, height)
+        self._interval = 1.0 / fps
+        self._start: float | None = None
+        self._count = 0
+        self.last_rgb = self._base
+
+    async def recv(self) -> VideoFrame:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._count * self._interval
+        if due > now:
+            await asyncio.sleep(due - now)
+        rgb = self._base.copy()
+        x = (self._count * 4) % (rgb.shape[1] - 32)
+        rgb[8:40, x : x + 32] = 255
+        self.last_rgb = rgb
+        frame = VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = int(self._count * self._interval * CLOCK_RATE)
+        frame.time_base = fractions.Fraction(1, CLOCK_RATE)
+        self._count += 1
+        return frame

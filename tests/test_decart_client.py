@@ -1,0 +1,69 @@
+"""The published `decart==0.0.30` Python client works unchanged against livemorph."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from decart import DecartClient, models
+from decart.realtime import RealtimeClient, RealtimeConnectOptions
+from decart.types import ModelState, Prompt
+
+from tests.media import SceneTrack, mean_abs_diff
+
+pytestmark = pytest.mark.slow
+
+
+async def test_official_client_default_flow(server) -> None:
+    received: list[np.ndarray] = []
+    states: list[str] = []
+    ticks: list[int] = []
+    tracks = []
+
+    client = DecartClient(
+        api_key=server.api_key, base_url=server.base_url, realtime_base_url=server.ws_url
+    )
+    model = models.realtime("mirage_v2")
+    source = SceneTrack(model.width, model.height, fps=model.fps)
+    rt = await RealtimeClient.connect(
+        base_url=client.realtime_base_url,
+        api_key=client.api_key,
+        local_track=source,
+        options=RealtimeConnectOptions(
+            model=model,
+            on_remote_stream=tracks.append,
+            initial_state=ModelState(prompt=Prompt(text="anime", enhance=True)),
+        ),
+    )
+    rt.on("connection_change", states.append)
+    rt.on("generation_tick", lambda msg: ticks.append(msg.seconds))
+    try:
+        assert rt.session_id
+        assert rt.is_connected()
+        video = await _wait_for_video(tracks)
+        for _ in range(5):
+            frame = await asyncio.wait_for(video.recv(), 10)
+            received.append(frame.to_ndarray(format="rgb24"))
+        assert received[-1].shape == (model.height, model.width, 3)
+        assert mean_abs_diff(received[-1], source.last_rgb) > 5, "output should be restyled"
+
+        await rt.set_prompt("cyberpunk neon city")
+        after = [(await video.recv()).to_ndarray(format="rgb24") for _ in range(3)]
+        assert mean_abs_diff(after[-1], received[-1]) > 5, "a new prompt changes the output"
+        await asyncio.sleep(2.2)
+        assert ticks and ticks[-1] >= 1
+    finally:
+        await rt.disconnect()
+        await client.close()
+    assert rt.get_connection_state() == "disconnected"
+    assert server.wait_sessions(0) == 0
+
+
+async def _wait_for_video(tracks: list):
+    async with asyncio.timeout(10):
+        while True:
+            for track in tracks:
+                if track.kind == "video":
+                    return track
+            await asyncio.sleep(0.05)
