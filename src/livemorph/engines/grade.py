@@ -89,12 +89,8 @@ class GradeSession(EngineSession):
 
     def configure(self, controls: Controls) -> None:
         self._reference = None if controls.image is None else rgb_to_yuv_stats(controls.image)
-        if controls.prompt is not None:
-            self._luts = Grade.from_prompt(controls.prompt).luts()
-        elif controls.image is not None:
-            self._luts = None  # the reference image alone sets the look
-        else:
-            self._luts = None
+        # With an image and no prompt, the reference image alone sets the look.
+        self._luts = None if controls.prompt is None else Grade.from_prompt(controls.prompt).luts()
 
     def transform(self, frame: VideoFrame) -> VideoFrame:
         fitted = fit_frame(frame, self.spec.width, self.spec.height)
@@ -107,9 +103,7 @@ class GradeSession(EngineSession):
                 planes[i] = lut[plane]
         if self._luts is not None:
             planes = [lut[plane] for lut, plane in zip(self._luts, planes, strict=True)]
-        out = frame_from_yuv(*planes)
-        out.pts, out.time_base = frame.pts, frame.time_base
-        return out
+        return frame_from_yuv(*planes)
 
 
 class GradeEngine(Engine):

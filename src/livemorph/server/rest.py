@@ -83,6 +83,7 @@ async def list_models(request: Request) -> list[ModelInfo]:
     "/v1/client/tokens",
     tags=["auth"],
     response_model=TokenResponse,
+    response_model_exclude_none=True,
     responses={
         400: {"model": ErrorResponse},
         401: {"model": ErrorResponse},

@@ -254,6 +254,8 @@ async def _add_candidate(add: Any, message: dict[str, Any]) -> None:
     payload = message.get("candidate")
     if payload is not None and not isinstance(payload, dict):
         raise ClientError("ice-candidate needs a candidate object or null")
+    if not payload or not payload.get("candidate"):
+        return  # end of candidates
     try:
         await add(payload)
     except ValueError as exc:

@@ -38,10 +38,8 @@ def new_peer_connection() -> RTCPeerConnection:
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
 
-async def add_ice_candidate(pc: RTCPeerConnection, payload: dict[str, Any] | None) -> None:
-    """Apply a trickled candidate; `None` or an empty string means end of candidates."""
-    if not payload or not payload.get("candidate"):
-        return
+async def add_ice_candidate(pc: RTCPeerConnection, payload: dict[str, Any]) -> None:
+    """Apply one trickled candidate (`{candidate, sdpMid, sdpMLineIndex}`)."""
     text = str(payload["candidate"])
     candidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
     candidate.sdpMid = payload.get("sdpMid")
@@ -117,7 +115,7 @@ class Session:
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription.sdp
 
-    async def add_ice_candidate(self, payload: dict[str, Any] | None) -> None:
+    async def add_ice_candidate(self, payload: dict[str, Any]) -> None:
         if self.pc is None:
             raise ValueError("ice-candidate before offer")
         await add_ice_candidate(self.pc, payload)
@@ -210,7 +208,7 @@ class Viewer:
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription.sdp
 
-    async def add_ice_candidate(self, payload: dict[str, Any] | None) -> None:
+    async def add_ice_candidate(self, payload: dict[str, Any]) -> None:
         if self.pc is None:
             raise ValueError("ice-candidate before offer")
         await add_ice_candidate(self.pc, payload)
