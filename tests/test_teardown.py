@@ -1,0 +1,85 @@
+"""A session leaves nothing behind: no tasks, peer connections, tracks or decoder threads.
+
+The server runs in this test's own event loop (uvicorn in-process), so the test can
+see every task and object the session created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import pytest
+import uvicorn
+from aiortc import RTCPeerConnection
+from decart import models
+from decart.realtime import RealtimeClient, RealtimeConnectOptions
+from decart.types import ModelState, Prompt
+
+from livemorph.config import Settings
+from livemorph.server import create_app
+from livemorph.storage import Store
+from tests.conftest import free_port
+from tests.media import SceneTrack
+from tests.support import eventually
+
+pytestmark = pytest.mark.slow
+
+
+def live_objects(kind: type) -> list[object]:
+    gc.collect()
+    return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+
+
+def decoder_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if "decoder" in t.name]
+
+
+async def test_disconnect_frees_everything(tmp_path) -> None:
+    settings = Settings(port=free_port(), data_dir=tmp_path)
+    store = Store.in_data_dir(tmp_path)
+    await store.open()
+    key, _ = await store.create_api_key("tests")
+    await store.close()
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, port=settings.port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started)
+    baseline_tasks = set(asyncio.all_tasks())
+    try:
+        model = models.realtime("mirage")
+        tracks: list = []
+        rt = await RealtimeClient.connect(
+            base_url=f"ws://127.0.0.1:{settings.port}",
+            api_key=key,
+            local_track=SceneTrack(model.width // 2, model.height // 2, fps=model.fps),
+            options=RealtimeConnectOptions(
+                model=model,
+                on_remote_stream=tracks.append,
+                initial_state=ModelState(prompt=Prompt(text="anime")),
+            ),
+        )
+        video = next(t for t in tracks if t.kind == "video")
+        for _ in range(5):
+            await asyncio.wait_for(video.recv(), 10)
+        sessions = app.state.livemorph.sessions
+        assert len(sessions) == 1
+        session = next(iter(sessions._sessions.values()))
+        await rt.disconnect()
+        await asyncio.wait_for(session.ended.wait(), 10)
+        await eventually(lambda: len(sessions) == 0)
+        tracks.clear()
+        del rt, video
+        await asyncio.sleep(0.5)
+
+        assert session.pc is not None and session.pc.connectionState == "closed"
+        assert session.pipeline.track.readyState == "ended"
+        leftover = {t for t in asyncio.all_tasks() if not t.done()} - baseline_tasks
+        leftover.discard(asyncio.current_task())
+        assert not leftover, [t.get_name() + ": " + repr(t.get_coro()) for t in leftover]
+        assert all(pc.connectionState == "closed" for pc in live_objects(RTCPeerConnection))
+        assert not decoder_threads()
+    finally:
+        server.should_exit = True
+        await serving
