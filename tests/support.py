@@ -10,4 +10,4 @@ async def eventually(condition: Callable[[], bool], within: float = 10.0) -> Non
     """Wait until `condition()` holds, polling; fail after `within` seconds."""
     async with asyncio.timeout(within):
         while not condition():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # noqa: ASYNC110
