@@ -1,0 +1,37 @@
+"""The Python SDK: publish a track to a livemorph server, watch sessions, mint tokens."""
+
+from . import sources
+from .client import Client, ClientToken, TokensClient, create_client
+from .images import image_to_base64
+from .realtime import (
+    UNSET,
+    GenerationEnded,
+    GenerationTick,
+    RealtimeAPI,
+    RealtimeClient,
+    RetryPolicy,
+    Subscription,
+    should_retry,
+)
+from .signaling import ConnectionState, Signaling
+from .sources import ArrayVideoTrack
+
+__all__ = [
+    "UNSET",
+    "ArrayVideoTrack",
+    "Client",
+    "ClientToken",
+    "ConnectionState",
+    "GenerationEnded",
+    "GenerationTick",
+    "RealtimeAPI",
+    "RealtimeClient",
+    "RetryPolicy",
+    "Signaling",
+    "Subscription",
+    "TokensClient",
+    "create_client",
+    "image_to_base64",
+    "should_retry",
+    "sources",
+]

@@ -1,0 +1,690 @@
+"""Publishing sessions and viewers: connect, stay connected, report what happens.
+
+Each connection attempt is a fresh `Signaling`; this module decides when to make another
+one. The rules follow the published clients: retry transient failures with exponential
+backoff, never retry an error the server marks as permanent (bad key, not allowed,
+invalid session), and after a drop restore the last prompt and image that the server
+acknowledged so the new session looks like the old one from its first frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote, urlencode
+
+from aiortc import AudioStreamTrack, MediaStreamTrack, RTCIceServer
+
+from .._version import __version__
+from ..errors import ErrorCode, LivemorphError
+from ..models import CATALOG
+from ..protocol import SubscribeTarget, decode_subscribe_token, encode_subscribe_token
+from .images import ImageInput, image_to_base64
+from .signaling import (
+    IMAGE_TIMEOUT,
+    PROMPT_TIMEOUT,
+    ConnectionState,
+    OfferHook,
+    SessionInfo,
+    Signaling,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .client import Client
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = f"livemorph-python/{__version__}"
+
+#: Events that `on()` accepts.
+EVENTS = ("connection_change", "generation_tick", "generation_ended", "error")
+
+Listener = Callable[[Any], Any]
+RemoteStreamCallback = Callable[[MediaStreamTrack], Any]
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: Default of `RealtimeClient.set(image=...)`: "leave the image alone" (None clears it).
+UNSET: Final = _Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationTick:
+    """Generation time so far, cumulative for the session: the unit of billing."""
+
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEnded:
+    """The server ended the session (`insufficient_credits`, `max_duration`, ...)."""
+
+    seconds: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often, and how patiently, to retry a failed connect or a dropped session.
+
+    The defaults are the published clients': 5 attempts, waiting 1, 2, 4 and 8 s between
+    them (doubling, capped at `max_delay`).
+    """
+
+    attempts: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 10.0
+
+    def delays(self) -> list[float]:
+        """The waits between consecutive attempts (one fewer than `attempts`)."""
+        return [min(self.max_delay, self.base_delay * 2**i) for i in range(self.attempts - 1)]
+
+
+def should_retry(error: LivemorphError) -> bool:
+    """False for errors another attempt cannot fix: permanent ones and refused input."""
+    return not error.permanent and error.code is not ErrorCode.INVALID_INPUT
+
+
+def _call(callback: Callable[[Any], Any], arg: Any, tasks: set[asyncio.Task[Any]]) -> None:
+    """Call a sync or async user callback; a coroutine runs as a task we keep track of."""
+    try:
+        result = callback(arg)
+    except Exception:
+        logger.exception("error in %r callback", callback)
+        return
+    if inspect.isawaitable(result):
+        task = asyncio.ensure_future(result)
+        tasks.add(task)
+        task.add_done_callback(_finish_callback(tasks))
+
+
+def _finish_callback(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("error in async callback", exc_info=task.exception())
+
+    return done
+
+
+class _LiveConnection:
+    """What publishing sessions and viewers share: events, state, retries, reconnects."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_remote_stream: RemoteStreamCallback | None,
+        send: Sequence[MediaStreamTrack],
+        receive: Sequence[str],
+        ice_servers: Iterable[RTCIceServer],
+        customize_offer: OfferHook | None,
+        retry: RetryPolicy,
+        connect_timeout: float,
+    ) -> None:
+        self._url = url
+        self._on_remote_stream = on_remote_stream
+        self._send = list(send)
+        self._receive = tuple(receive)
+        self._ice_servers = list(ice_servers)
+        self._customize_offer = customize_offer
+        self._retry = retry
+        self._connect_timeout = connect_timeout
+        self._state: ConnectionState = "disconnected"
+        self._signaling: Signaling | None = None
+        self._negotiating = False
+        self._closing = False
+        self._ended_by_server: GenerationEnded | None = None
+        self._reported: LivemorphError | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._listeners: dict[str, list[Listener]] = {event: [] for event in EVENTS}
+        self._buffer: list[tuple[str, Any]] | None = []
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
+        self._video_track: MediaStreamTrack | None = None
+        self._audio_track: MediaStreamTrack | None = None
+        self._owned_tracks: list[MediaStreamTrack] = []
+        self._on_close: Callable[[_LiveConnection], None] | None = None
+
+    # -- public surface ----------------------------------------------------------------------
+
+    @property
+    def video_track(self) -> MediaStreamTrack | None:
+        """The remote video track, once received; a reconnect replaces it with a new one.
+
+        The old track ends when its connection drops, so `recv()` on it raises
+        `MediaStreamError`: read `video_track` again after "connection_change".
+        """
+        return self._video_track
+
+    @property
+    def audio_track(self) -> MediaStreamTrack | None:
+        return self._audio_track
+
+    @property
+    def signaling(self) -> Signaling | None:
+        """Low-level: the current signaling attempt, None while reconnecting or closed."""
+        return self._signaling
+
+    def is_connected(self) -> bool:
+        return self._state in ("connected", "generating")
+
+    def get_connection_state(self) -> ConnectionState:
+        return self._state
+
+    def on(self, event: str, callback: Listener) -> None:
+        """Listen to "connection_change", "generation_tick", "generation_ended" or "error".
+
+        Callbacks may be plain functions or coroutine functions. Events that happen while
+        `connect()` runs are delivered right after it returns, so listeners registered then
+        miss nothing.
+        """
+        self._listeners_for(event).append(callback)
+
+    def off(self, event: str, callback: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners_for(event).remove(callback)
+
+    async def disconnect(self) -> None:
+        """End the session: close the peer connection and WebSocket, stop every task."""
+        self._closing = True
+        self._buffer = None
+        task = self._supervisor
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        signaling, self._signaling = self._signaling, None
+        if signaling is not None:
+            await signaling.close()
+        self._release()
+        self._set_state("disconnected")
+        pending = {t for t in self._callback_tasks if t is not asyncio.current_task()}
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=1.0)
+            for leftover in late:
+                leftover.cancel()
+
+    async def __aenter__(self) -> _LiveConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.disconnect()
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _listeners_for(self, event: str) -> list[Listener]:
+        try:
+            return self._listeners[event]
+        except KeyError:
+            raise LivemorphError(
+                f"unknown event {event!r}; expected one of {', '.join(EVENTS)}",
+                ErrorCode.INVALID_INPUT,
+            ) from None
+
+    def _emit(self, event: str, payload: Any) -> None:
+        if self._buffer is not None:
+            self._buffer.append((event, payload))
+            return
+        for callback in list(self._listeners[event]):
+            _call(callback, payload, self._callback_tasks)
+
+    def _flush(self) -> None:
+        buffered, self._buffer = self._buffer or [], None
+        for event, payload in buffered:
+            self._emit(event, payload)
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state != self._state:
+            logger.debug("connection %s", state)
+            self._state = state
+            self._emit("connection_change", state)
+
+    def _report(self, error: LivemorphError) -> None:
+        if error is not self._reported:
+            self._reported = error
+            self._emit("error", error)
+
+    # -- connecting --------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        """The first connect: retries transient failures, raises the last error."""
+        self._set_state("connecting")
+        try:
+            await self._connect_with_retries()
+        except BaseException:
+            self._closing = True
+            self._buffer = None
+            self._release()
+            self._set_state("disconnected")
+            raise
+        assert self._signaling is not None
+        self._set_state(self._signaling.state)
+        asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _connect_with_retries(self) -> None:
+        delays = self._retry.delays()
+        self._negotiating = True
+        try:
+            for attempt in itertools.count():
+                try:
+                    await self._attempt()
+                    return
+                except LivemorphError as error:
+                    if self._closing or not should_retry(error) or attempt >= len(delays):
+                        raise
+                    logger.warning(
+                        "connect attempt %d failed: %s; retrying in %gs",
+                        attempt + 1,
+                        error.message,
+                        delays[attempt],
+                    )
+                    await asyncio.sleep(delays[attempt])
+        finally:
+            self._negotiating = False
+
+    async def _attempt(self) -> None:
+        signaling: Signaling
+
+        def on_event(kind: str, payload: Any) -> None:
+            self._on_signal(signaling, kind, payload)
+
+        signaling = Signaling(
+            self._url,
+            on_event=on_event,
+            ice_servers=self._ice_servers,
+            customize_offer=self._customize_offer,
+        )
+        self._signaling = signaling
+        self._ended_by_server = None
+        try:
+            await signaling.open()
+            await self._prepare(signaling)
+            await signaling.negotiate(
+                self._send, receive=self._receive, connect_timeout=self._connect_timeout
+            )
+            if signaling.ended:
+                raise signaling.end_error or LivemorphError(
+                    "connection closed", ErrorCode.WEB_RTC_ERROR
+                )
+        except BaseException as exc:
+            await signaling.close()
+            if self._signaling is signaling:
+                self._signaling = None
+            if isinstance(exc, LivemorphError) or not isinstance(exc, Exception):
+                raise
+            raise LivemorphError(f"connection failed: {exc}", ErrorCode.WEB_RTC_ERROR) from exc
+
+    async def _prepare(self, signaling: Signaling) -> None:
+        """Messages to exchange before the offer (a publisher's initial state)."""
+
+    def _on_session(self, info: SessionInfo) -> None:
+        """A `session_id` message arrived."""
+
+    def _on_signal(self, signaling: Signaling, kind: str, payload: Any) -> None:
+        if signaling is not self._signaling or self._closing:
+            return  # a stale attempt, or we are shutting down
+        if kind == "track":
+            if payload.kind == "video":
+                self._video_track = payload
+            else:
+                self._audio_track = payload
+            if self._on_remote_stream is not None:
+                _call(self._on_remote_stream, payload, self._callback_tasks)
+        elif kind == "session_id":
+            self._on_session(payload)
+        elif kind == "generation_tick":
+            self._emit("generation_tick", GenerationTick(payload))
+        elif kind == "generation_ended":
+            self._ended_by_server = GenerationEnded(*payload)
+            self._emit("generation_ended", self._ended_by_server)
+        elif kind == "error":
+            if not self._negotiating:  # while connecting, the attempt's outcome reports it
+                self._report(payload)
+        elif kind == "state" and not self._negotiating:
+            if payload == "disconnected":
+                self._on_drop(signaling)
+            else:
+                self._set_state(payload)
+
+    def _on_drop(self, signaling: Signaling) -> None:
+        if self._supervisor is not None and not self._supervisor.done():
+            return
+        error = signaling.end_error or LivemorphError("connection lost", ErrorCode.WEB_RTC_ERROR)
+        if self._ended_by_server is not None or not should_retry(error):
+            report = self._ended_by_server is None
+            self._supervisor = asyncio.create_task(self._give_up(signaling, error, report))
+        else:
+            logger.warning("session dropped (%s); reconnecting", error.message)
+            self._supervisor = asyncio.create_task(self._reconnect(signaling))
+
+    async def _give_up(self, signaling: Signaling, error: LivemorphError, report: bool) -> None:
+        await signaling.close()
+        if self._signaling is signaling:
+            self._signaling = None
+        self._set_state("disconnected")
+        if report:
+            self._report(error)
+
+    async def _reconnect(self, old: Signaling) -> None:
+        self._set_state("reconnecting")
+        await old.close()
+        try:
+            await self._connect_with_retries()
+        except LivemorphError as error:
+            if not self._closing:
+                self._set_state("disconnected")
+                self._report(error)
+            return
+        if self._signaling is not None:
+            self._set_state(self._signaling.state)
+
+    def _release(self) -> None:
+        for track in self._owned_tracks:
+            track.stop()
+        if self._on_close is not None:
+            self._on_close(self)
+            self._on_close = None
+
+
+class RealtimeClient(_LiveConnection):
+    """A publishing session: your video in, the transformed video out.
+
+    Get one from `client.realtime.connect(...)`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str,
+        prompt: tuple[str, bool] | None = None,
+        image: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self.model = model
+        self._prompt = prompt
+        self._image = image
+        self._http = http
+        self._session: SessionInfo | None = None
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session.session_id if self._session else None
+
+    @property
+    def subscribe_token(self) -> str | None:
+        """A token another client passes to `client.realtime.subscribe()` to watch this."""
+        if self._session is None:
+            return None
+        info = self._session
+        return encode_subscribe_token(
+            SubscribeTarget(info.session_id, info.server_ip, info.server_port)
+        )
+
+    async def set(
+        self,
+        prompt: str | None = None,
+        enhance: bool = True,
+        image: ImageInput | _Unset | None = UNSET,
+    ) -> None:
+        """Change the prompt, the reference image, or both; waits for the server's ack.
+
+        `image=None` clears the reference image; leaving it out keeps it.
+        """
+        if prompt is None and isinstance(image, _Unset):
+            raise LivemorphError("give a prompt, an image, or both", ErrorCode.INVALID_INPUT)
+        if isinstance(image, _Unset):
+            assert prompt is not None
+            await self.set_prompt(prompt, enhance)
+        else:
+            await self.set_image(image, prompt=prompt, enhance=enhance)
+
+    async def set_prompt(self, text: str, enhance: bool = True) -> None:
+        """Send a prompt and wait (15 s) for its ack; refused → INVALID_INPUT."""
+        _check_prompt(text)
+        await self._live().send_prompt(text, enhance, ack_timeout=PROMPT_TIMEOUT)
+        self._prompt = (text, enhance)
+
+    async def set_image(
+        self,
+        image: ImageInput | None,
+        prompt: str | None = None,
+        enhance: bool = True,
+        timeout: float = IMAGE_TIMEOUT,  # noqa: ASYNC109 - the published SDKs' signature
+    ) -> None:
+        """Send a reference image (None clears it), maybe with a prompt, and wait for its ack.
+
+        Images over 10 MB are refused here, before anything is sent.
+        """
+        if prompt is not None:
+            _check_prompt(prompt)
+        data = None if image is None else await image_to_base64(image, self._http)
+        signaling = self._live()
+        await signaling.send_image(
+            data, prompt, enhance if prompt is not None else None, ack_timeout=timeout
+        )
+        self._image = data
+        if prompt is not None:
+            self._prompt = (prompt, enhance)
+
+    async def __aenter__(self) -> RealtimeClient:
+        return self
+
+    def _live(self) -> Signaling:
+        signaling = self._signaling
+        if signaling is None or signaling.ended or self._negotiating:
+            raise LivemorphError(f"not connected (state: {self._state})", ErrorCode.WEB_RTC_ERROR)
+        return signaling
+
+    async def _prepare(self, signaling: Signaling) -> None:
+        if self._image is not None:
+            text, enhance = self._prompt if self._prompt else (None, None)
+            await signaling.send_image(self._image, text, enhance, ack_timeout=IMAGE_TIMEOUT)
+        elif self._prompt is not None:
+            await signaling.send_prompt(*self._prompt, ack_timeout=PROMPT_TIMEOUT)
+        else:
+            await signaling.send_image(None, ack_timeout=IMAGE_TIMEOUT, passthrough=True)
+
+    def _on_session(self, info: SessionInfo) -> None:
+        self._session = info
+
+
+class Subscription(_LiveConnection):
+    """A viewer of another session's output; it can watch but never steer."""
+
+    def __init__(self, url: str, *, target: SubscribeTarget, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._target = target
+
+    @property
+    def session_id(self) -> str:
+        return self._target.session_id
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+
+class RealtimeAPI:
+    """`client.realtime`: start publishing sessions and viewers."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def connect(
+        self,
+        stream: Any,
+        *,
+        model: Any,
+        on_remote_stream: RemoteStreamCallback | None = None,
+        initial_state: Mapping[str, Any] | None = None,
+        customize_offer: OfferHook | None = None,
+        ice_servers: Iterable[RTCIceServer] = (),
+        retry: RetryPolicy | None = None,
+        connect_timeout: float = 30.0,
+    ) -> RealtimeClient:
+        """Start a session that transforms `stream` with `model`; returns once connected.
+
+        `stream` is a video track, a sequence of tracks, or a player with `.video` (and
+        `.audio`, used by `live_avatar`); None only for `live_avatar`, which then sends
+        silence. `model` is a `ModelSpec` or a model name. `initial_state` is
+        `{"prompt": {"text": ..., "enhance": True} | str, "image": ...}`, applied before the
+        first frame. `on_remote_stream(track)` runs once per remote track. No STUN or TURN
+        servers are used unless `ice_servers` names some: the server is reached directly.
+        """
+        name, url_path = _model_target(model)
+        prompt, image_input = _initial_state(initial_state)
+        image = None
+        if image_input is not None:
+            image = await image_to_base64(image_input, self._client._http)
+        send, receive, owned = _media_plan(name, stream)
+        query = urlencode(
+            {"api_key": self._client.api_key, "model": name, "user_agent": USER_AGENT}
+        )
+        session = RealtimeClient(
+            f"{self._client.ws_base_url}{url_path}?{query}",
+            model=name,
+            prompt=prompt,
+            image=image,
+            http=self._client._http,
+            on_remote_stream=on_remote_stream,
+            send=send,
+            receive=receive,
+            ice_servers=ice_servers,
+            customize_offer=customize_offer,
+            retry=retry or RetryPolicy(),
+            connect_timeout=connect_timeout,
+        )
+        session._owned_tracks = owned
+        await self._start(session)
+        return session
+
+    async def subscribe(
+        self,
+        token: str,
+        *,
+        on_remote_stream: RemoteStreamCallback | None = None,
+        ice_servers: Iterable[RTCIceServer] = (),
+        retry: RetryPolicy | None = None,
+        connect_timeout: float = 30.0,
+    ) -> Subscription:
+        """Watch the session that `token` (a publisher's `subscribe_token`) names."""
+        try:
+            target = decode_subscribe_token(token)
+        except ValueError:
+            raise LivemorphError("invalid subscribe token", ErrorCode.INVALID_INPUT) from None
+        query = urlencode(
+            {"IP": target.ip, "port": str(target.port), "api_key": self._client.api_key}
+        )
+        path = f"/subscribe/{quote(target.session_id, safe='')}"
+        viewer = Subscription(
+            f"{self._client.ws_base_url}{path}?{query}",
+            target=target,
+            on_remote_stream=on_remote_stream,
+            send=(),
+            receive=("video", "audio"),
+            ice_servers=ice_servers,
+            customize_offer=None,
+            retry=retry or RetryPolicy(),
+            connect_timeout=connect_timeout,
+        )
+        await self._start(viewer)
+        return viewer
+
+    async def _start(self, connection: _LiveConnection) -> None:
+        sessions = self._client._sessions
+        sessions.add(connection)
+        connection._on_close = sessions.discard
+        await connection._start()
+
+
+def _check_prompt(text: object) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise LivemorphError("prompt must be a non-empty string", ErrorCode.INVALID_INPUT)
+
+
+def _model_target(model: Any) -> tuple[str, str]:
+    """The model's name and WebSocket path; unknown names go to the server to refuse."""
+    if isinstance(model, str):
+        spec = CATALOG.get(model)
+        return model, spec.url_path if spec else "/v1/stream"
+    name = getattr(model, "name", None)
+    if not isinstance(name, str) or not name:
+        raise LivemorphError("model must be a ModelSpec or a model name", ErrorCode.INVALID_INPUT)
+    return name, str(getattr(model, "url_path", None) or "/v1/stream")
+
+
+def _initial_state(
+    state: Mapping[str, Any] | None,
+) -> tuple[tuple[str, bool] | None, ImageInput | None]:
+    if state is None:
+        return None, None
+    if not isinstance(state, Mapping):
+        raise LivemorphError("initial_state must be a mapping", ErrorCode.INVALID_INPUT)
+    unknown = set(state) - {"prompt", "image"}
+    if unknown:
+        raise LivemorphError(
+            f"unknown initial_state keys: {', '.join(sorted(map(str, unknown)))}",
+            ErrorCode.INVALID_INPUT,
+        )
+    prompt = state.get("prompt")
+    parsed: tuple[str, bool] | None = None
+    if isinstance(prompt, str):
+        _check_prompt(prompt)
+        parsed = (prompt, True)
+    elif isinstance(prompt, Mapping):
+        text = prompt.get("text")
+        _check_prompt(text)
+        parsed = (text, bool(prompt.get("enhance", True)))
+    elif prompt is not None:
+        raise LivemorphError(
+            "initial_state prompt must be a string or {text, enhance}", ErrorCode.INVALID_INPUT
+        )
+    return parsed, state.get("image")
+
+
+def _tracks_of(stream: Any, *, with_audio: bool) -> list[MediaStreamTrack]:
+    if stream is None:
+        return []
+    if isinstance(stream, MediaStreamTrack):
+        return [stream]
+    if hasattr(stream, "video") or hasattr(stream, "audio"):  # a MediaPlayer or alike
+        found = [getattr(stream, "video", None)]
+        if with_audio:
+            found.append(getattr(stream, "audio", None))
+        return [track for track in found if track is not None]
+    if isinstance(stream, Sequence) and all(isinstance(t, MediaStreamTrack) for t in stream):
+        return list(stream)
+    raise LivemorphError(
+        "stream must be a MediaStreamTrack, a list of them, or a media player",
+        ErrorCode.INVALID_INPUT,
+    )
+
+
+def _media_plan(
+    model: str, stream: Any
+) -> tuple[list[MediaStreamTrack], tuple[str, ...], list[MediaStreamTrack]]:
+    """Tracks to send, kinds to receive only, and tracks we made (and must stop)."""
+    if model == "live_avatar":
+        audio = [t for t in _tracks_of(stream, with_audio=True) if t.kind == "audio"]
+        if audio:
+            return audio, ("video",), []
+        silence = AudioStreamTrack()
+        return [silence], ("video",), [silence]
+    tracks = _tracks_of(stream, with_audio=False)
+    if not any(track.kind == "video" for track in tracks):
+        raise LivemorphError(f"model {model} needs a video track", ErrorCode.INVALID_INPUT)
+    return tracks, (), []
