@@ -78,3 +78,13 @@ def test_registry_maps_models_to_engines() -> None:
     except UnknownModelError as exc:
         assert "model not found" in str(exc)
     assert EngineRegistry("passthrough").resolve("mirage")[1].name == "passthrough"
+
+
+def test_engine_specs_with_an_argument() -> None:
+    engine = EngineRegistry("sleep:30").resolve("mirage")[1]
+    assert engine.name == "sleep" and engine.delay == 0.03
+    try:
+        EngineRegistry("warp:9")
+        raise AssertionError("unknown engines are refused at start")
+    except ValueError as exc:
+        assert "unknown engine" in str(exc)

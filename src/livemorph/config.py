@@ -36,6 +36,9 @@ class Settings:
     #: Worker threads for engine inference; default: the machine's cores.
     engine_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     log_level: str = "info"
+    #: Release received video frames on the RTP marker bit (see media/jitter.py); turning it
+    #: off restores aiortc's stock receive path, for comparison in bench/latency.py.
+    fast_receive: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -52,4 +55,6 @@ class Settings:
         if (threads := _env("ENGINE_THREADS")) is not None:
             settings.engine_threads = max(1, int(threads))
         settings.log_level = _env("LOG_LEVEL", settings.log_level) or settings.log_level
+        if (fast := _env("FAST_RECEIVE")) is not None:
+            settings.fast_receive = fast.strip().lower() not in ("0", "false", "no", "off")
         return settings

@@ -8,14 +8,16 @@ from collections.abc import Callable
 from ..models import CATALOG, ModelSpec, UnknownModelError
 from .base import Engine
 from .grade import GradeEngine
-from .passthrough import PassthroughEngine
+from .passthrough import PassthroughEngine, SleepEngine
 
 logger = logging.getLogger(__name__)
 
 #: Engine factories by name. Engines import heavy runtimes lazily inside their factory.
-ENGINE_FACTORIES: dict[str, Callable[[], Engine]] = {
+#: An engine spec may carry one argument after a colon: `sleep:120` calls `SleepEngine("120")`.
+ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
     "passthrough": PassthroughEngine,
     "grade": GradeEngine,
+    "sleep": SleepEngine,
 }
 
 #: The engine each model uses unless configured otherwise; None: not served here yet.
@@ -39,7 +41,7 @@ class EngineRegistry:
     """Maps model names to loaded engines; `override` forces one engine for all models."""
 
     def __init__(self, override: str | None = None) -> None:
-        if override is not None and override not in ENGINE_FACTORIES:
+        if override is not None and override.partition(":")[0] not in ENGINE_FACTORIES:
             known = ", ".join(sorted(ENGINE_FACTORIES))
             raise ValueError(f"unknown engine {override!r} (known: {known})")
         self._override = override
@@ -61,7 +63,9 @@ class EngineRegistry:
         engine = self._loaded.get(name)
         if engine is None:
             logger.info("loading engine %s", name)
-            engine = self._loaded[name] = ENGINE_FACTORIES[name]()
+            factory, _, argument = name.partition(":")
+            engine = ENGINE_FACTORIES[factory](*([argument] if argument else []))
+            self._loaded[name] = engine
         return CATALOG[model], engine
 
     def close(self) -> None:

@@ -123,7 +123,14 @@ async def stream(ws: WebSocket) -> None:
         await channel.fatal("Server at capacity, try again shortly", CLOSE_TRY_AGAIN_LATER)
         return
 
-    session = Session(spec, principal, engine.open_session(spec), state.executor, channel.send)
+    session = Session(
+        spec,
+        principal,
+        engine.open_session(spec),
+        state.executor,
+        channel.send,
+        fast_receive=state.settings.fast_receive,
+    )
     state.sessions.add(session)
     ip, port = _reply_address(ws, state)
     logger.info("session %s started: model %s", session.id, model)

@@ -58,8 +58,11 @@ class Session:
         engine: EngineSession,
         executor: Executor,
         send: Send,
+        *,
+        fast_receive: bool = True,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
+        self.fast_receive = fast_receive
         self.spec = spec
         self.principal = principal
         self._send = send
@@ -106,8 +109,9 @@ class Session:
                 logger.info("session %s: peer connection %s", self.id, pc.connectionState)
                 await self.close("peer_connection_" + pc.connectionState, notify=False)
 
+        if self.fast_receive:
+            install_on_peer_connection(pc)  # before any RTP packet can reach a receiver
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        install_on_peer_connection(pc)
         kinds_sent = {t.kind for t in pc.getTransceivers() if t.sender.track is not None}
         if "video" not in kinds_sent and any(t.kind == "video" for t in pc.getTransceivers()):
             # A recvonly video offer (an avatar) still gets the model's output.
