@@ -57,3 +57,38 @@ class SceneTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, CLOCK_RATE)
         self._count += 1
         return frame
+
+
+class FrameSink:
+    """Drains a remote track like a video element would, keeping only the newest frame.
+
+    Reading a track only now and then would see frames queued long ago; tests ask for
+    frames that arrived after a point in time instead.
+    """
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        self.count = 0
+        self.latest: np.ndarray | None = None
+        self._frame: VideoFrame | None = None
+        self._arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._drain(track))
+
+    async def _drain(self, track: MediaStreamTrack) -> None:
+        while True:
+            self._frame = await track.recv()  # type: ignore[assignment]
+            self.count += 1
+            self._arrived.set()
+
+    async def fresh(self, skip: int = 2) -> np.ndarray:
+        """RGB of a frame that left the server after this call: `skip` frames from now."""
+        target = self.count + skip + 1
+        async with asyncio.timeout(10):
+            while self.count < target:
+                self._arrived.clear()
+                await self._arrived.wait()
+        assert self._frame is not None
+        return self._frame.to_ndarray(format="rgb24")
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

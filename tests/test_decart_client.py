@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 from decart import DecartClient, models
 from decart.realtime import RealtimeClient, RealtimeConnectOptions
 from decart.types import ModelState, Prompt
 
-from tests.media import SceneTrack, mean_abs_diff
+from tests.media import FrameSink, SceneTrack, mean_abs_diff
+from tests.support import eventually
 
 pytestmark = pytest.mark.slow
 
 
 async def test_official_client_default_flow(server) -> None:
-    received: list[np.ndarray] = []
     states: list[str] = []
     ticks: list[int] = []
     tracks = []
@@ -38,22 +37,21 @@ async def test_official_client_default_flow(server) -> None:
     )
     rt.on("connection_change", states.append)
     rt.on("generation_tick", lambda msg: ticks.append(msg.seconds))
+    assert rt.session_id
+    assert rt.is_connected()
+    output = FrameSink(await _wait_for_video(tracks))
     try:
-        assert rt.session_id
-        assert rt.is_connected()
-        video = await _wait_for_video(tracks)
-        for _ in range(5):
-            frame = await asyncio.wait_for(video.recv(), 10)
-            received.append(frame.to_ndarray(format="rgb24"))
-        assert received[-1].shape == (model.height, model.width, 3)
-        assert mean_abs_diff(received[-1], source.last_rgb) > 5, "output should be restyled"
+        anime = await output.fresh()
+        assert anime.shape == (model.height, model.width, 3)
+        assert mean_abs_diff(anime, source.last_rgb) > 5, "output should be restyled"
 
         await rt.set_prompt("cyberpunk neon city")
-        after = [(await video.recv()).to_ndarray(format="rgb24") for _ in range(3)]
-        assert mean_abs_diff(after[-1], received[-1]) > 5, "a new prompt changes the output"
-        await asyncio.sleep(2.2)
-        assert ticks and ticks[-1] >= 1
+        neon = await output.fresh()
+        assert mean_abs_diff(neon, anime) > 5, "a new prompt changes the output"
+        await eventually(lambda: len(ticks) >= 2)
+        assert states[-1] == "generating"
     finally:
+        await output.close()
         await rt.disconnect()
         await client.close()
     assert rt.get_connection_state() == "disconnected"

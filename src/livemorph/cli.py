@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import Settings
 from .logs import install_redaction
+from .protocol import MAX_MESSAGE_BYTES
 from .storage import Store
 
 DEV_KEY_NAME = "development"
@@ -68,7 +69,7 @@ def _cmd_serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_max_size=16 * 1024 * 1024,
+        ws_max_size=MAX_MESSAGE_BYTES,
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
     uvicorn.Server(config).run()

@@ -42,6 +42,6 @@ def error_from_server_text(text: str) -> LivemorphError:
     lowered = text.lower()
     if "invalid api key" in lowered or "unauthorized" in lowered or "401" in lowered:
         return LivemorphError(text, ErrorCode.INVALID_API_KEY)
-    if "model not found" in lowered:
+    if "model not found" in lowered or "model not available" in lowered:
         return LivemorphError(text, ErrorCode.MODEL_NOT_FOUND)
     return LivemorphError(text, ErrorCode.WEB_RTC_ERROR)

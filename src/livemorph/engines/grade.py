@@ -3,8 +3,9 @@
 It is the fallback when no neural engine is available, and the engine the protocol
 tests use: every prompt maps (deterministically, by hash) to its own grade, and a
 reference image lends its colour statistics (mean and spread of Y, U, V: a Reinhard-style
-transfer), so control visibly changes the output. All work is 256-entry lookup tables
-applied to the yuv420p planes, so it costs a few milliseconds at 1280x704.
+transfer) while the prompt keeps setting the tone, so control visibly changes the output.
+All work is 256-entry lookup tables applied to the yuv420p planes: a few milliseconds at
+1280x704.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ class GradeSession(EngineSession):
                 lut = _transfer_lut(_plane_stats(plane), self._reference[i]).astype(np.uint8)
                 planes[i] = lut[plane]
         if self._luts is not None:
-            planes = [lut[plane] for lut, plane in zip(self._luts, planes, strict=True)]
+            # With a reference image, the image sets the palette and the prompt only the
+            # tone (contrast, posterisation); without one, the prompt sets both.
+            count = 1 if self._reference is not None else 3
+            for i in range(count):
+                planes[i] = self._luts[i][planes[i]]
         return frame_from_yuv(*planes)
 
 

@@ -453,6 +453,12 @@ class RealtimeClient(_LiveConnection):
         else:
             await self.set_image(image, prompt=prompt, enhance=enhance)
 
+    async def passthrough(self) -> None:
+        """Stop transforming: clear the prompt and the image until the next `set`."""
+        await self._live().send_image(None, ack_timeout=IMAGE_TIMEOUT, passthrough=True)
+        self._prompt = None
+        self._image = None
+
     async def set_prompt(self, text: str, enhance: bool = True) -> None:
         """Send a prompt and wait (15 s) for its ack; refused → INVALID_INPUT."""
         _check_prompt(text)

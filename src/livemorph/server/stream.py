@@ -62,7 +62,7 @@ class Channel:
 
     async def close(self, code: int = 1000) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, OSError):
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.close(code)
 
     async def messages(self):  # type: ignore[no-untyped-def]
@@ -111,10 +111,12 @@ async def stream(ws: WebSocket) -> None:
     try:
         spec, engine = state.engines.resolve(model)
     except UnknownModelError:
-        await channel.fatal(f"model not found: {model!r}")
+        await channel.fatal(f"model not found: {model!r} is not allowed, see GET /v1/models")
         return
     except ModelNotAvailable:
-        await channel.fatal(f"model not available on this server: {model}")
+        await channel.fatal(
+            f"model not available on this server: {model} is not allowed here, see GET /v1/models"
+        )
         return
     if not principal.may_use(model):
         await channel.fatal(f"permission denied: this token may not use model {model}")
