@@ -5,25 +5,36 @@ code (see framecode.py); the receiving end reads the code from every decoded fra
 moment it arrives, so latency = arrival time - capture time, with no clock sync needed
 because both ends live in this process.
 
-    python bench/latency.py --mode onehop --jitter stock fast --size 1280x704 640x352 --fps 25 10
+    python bench/latency.py                      # through the server, then the overload run
+    python bench/latency.py --mode onehop        # two aiortc peers, no server
+
+Modes:
+- `server`: camera -> `livemorph serve --engine passthrough` -> back, with the Python SDK,
+  at each camera model's size and fps; `--jitter stock fast` compares aiortc's stock
+  receive path with livemorph's marker-bit release on both server and client.
+- `overload`: the `sleep` engine takes longer per frame than the camera interval for 60 s;
+  prints the p95 of the first and the last 10 s, which stay close when stale frames are
+  dropped instead of queued.
+- `onehop`: one hop between two peers in this process: the floor under everything else.
 
 The path under test is a `ConnectFn`: give it the source track, get back the track whose
-frames come out at the far end (`Link`). `onehop` is two aiortc peers in this process;
-a `server` mode only needs another `ConnectFn` (send the source to a livemorph server,
-return the track it sends back) passed to `measure()` — nothing else changes. For that
-path the engine must leave the top-left 368x48 pixels alone (passthrough does).
+frames come out at the far end (`Link`). The engine must leave the top-left 368x48 pixels
+alone (passthrough and sleep do), since that is where the stamp is.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import resource
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,7 +43,10 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender
 from av import VideoFrame
 
 import framecode
+from livemorph import create_client
 from livemorph.media.jitter import install_on_peer_connection
+from livemorph.models import CATALOG
+from livemorph.testing import LiveServer, serve
 
 VIDEO_TIME_BASE = Fraction(1, 90000)
 _EPOCH = time.monotonic()
@@ -131,6 +145,13 @@ class Result:
     fps: float  # delivered, after warm-up
     cpu_pct: float  # this process, % of one core, after warm-up
     source_dropped: int
+    #: (seconds since the window opened, latency ms) for every stamped frame
+    samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
+
+    def p95_between(self, start: float, end: float) -> float:
+        """p95 latency of the frames that arrived between `start` and `end` seconds."""
+        window = [ms for t, ms in self.samples if start <= t < end]
+        return float(np.percentile(window, 95)) if window else float("nan")
 
     def line(self) -> str:
         return (
@@ -162,6 +183,7 @@ async def measure(
     started = time.monotonic()
     link = await connect(source)
     latencies: list[int] = []
+    samples: list[tuple[float, int]] = []
     unreadable = 0
     first_frame_ms = -1.0
     window_start = deadline = cpu_start = 0.0
@@ -184,6 +206,7 @@ async def measure(
                 unreadable += 1
             else:
                 latencies.append((arrived_ms - stamp) & 0xFFFFFFFF)
+                samples.append((arrived - window_start, latencies[-1]))
         elapsed = arrived - window_start
         cpu = _cpu_seconds() - cpu_start
     finally:
@@ -201,6 +224,7 @@ async def measure(
         fps=(len(latencies) + unreadable) / elapsed,
         cpu_pct=100 * cpu / elapsed,
         source_dropped=source.dropped,
+        samples=samples,
     )
 
 
@@ -241,31 +265,146 @@ def _size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-async def _main(args: argparse.Namespace) -> list[Result]:
+def through_server(server: LiveServer, model: str, fast: bool) -> ConnectFn:
+    """Camera -> livemorph server (its engine) -> back, with the Python SDK: two hops."""
+
+    async def connect(source: MediaStreamTrack) -> Link:
+        client = create_client(api_key=server.api_key, base_url=server.base_url)
+        session = await client.realtime.connect(source, model=model, fast_receive=fast)
+
+        async def close() -> None:
+            await session.disconnect()
+            await client.aclose()
+
+        assert session.video_track is not None
+        return Link(track=session.video_track, close=close)
+
+    return connect
+
+
+@contextlib.contextmanager
+def livemorph_server(engine: str, fast: bool) -> Iterator[LiveServer]:
+    """A fresh `livemorph serve` with `engine`, its receive path stock or fast."""
+    with (
+        tempfile.TemporaryDirectory(prefix="livemorph-bench-") as data_dir,
+        serve(
+            Path(data_dir),
+            "--engine",
+            engine,
+            "--log-level",
+            "warning",
+            env={"LIVEMORPH_FAST_RECEIVE": "1" if fast else "0"},
+        ) as server,
+    ):
+        yield server
+
+
+#: The models this server serves from a camera, each measured at its own size and rate.
+CAMERA_MODELS = ("mirage", "mirage_v2", "lucy_v2v_720p_rt", "lucy_2_rt")
+
+
+async def _run_onehop(args: argparse.Namespace) -> list[Result]:
     results = []
     for width, height in args.size:
         for fps in args.fps:
             for jitter in args.jitter:
-                label = f"{args.mode} {jitter:<5} {width}x{height}@{fps:g}"
-
-                def factory(w: int = width, h: int = height, f: float = fps) -> StampedSource:
-                    return StampedSource(w, h, f)
-
+                label = f"onehop {jitter:<5} {width}x{height}@{fps:g}"
                 result = await measure(
-                    factory, onehop(jitter), args.seconds, args.warmup, label=label
+                    functools.partial(StampedSource, width, height, fps),
+                    onehop(jitter),
+                    args.seconds,
+                    args.warmup,
+                    label=label,
                 )
                 print(result.line(), flush=True)
                 results.append(result)
     return results
 
 
+async def _run_server(args: argparse.Namespace) -> list[Result]:
+    results = []
+    for jitter in args.jitter:
+        fast = jitter == "fast"
+        with livemorph_server("passthrough", fast) as server:
+            for name in args.models:
+                spec = CATALOG[name]
+                label = f"server {jitter:<5} {name} {spec.width}x{spec.height}@{spec.fps}"
+                result = await measure(
+                    functools.partial(StampedSource, spec.width, spec.height, spec.fps),
+                    through_server(server, name, fast),
+                    args.seconds,
+                    args.warmup,
+                    label=label,
+                )
+                print(result.line(), flush=True)
+                results.append(result)
+    return results
+
+
+async def _run_overload(args: argparse.Namespace) -> list[Result]:
+    """An engine slower than the camera for a long run: latency must not grow."""
+    spec = CATALOG["mirage"]
+    engine_ms = args.engine_ms
+    with livemorph_server(f"sleep:{engine_ms:g}", fast=True) as server:
+        label = f"overload sleep:{engine_ms:g}ms {spec.width}x{spec.height}@{spec.fps}"
+        result = await measure(
+            functools.partial(StampedSource, spec.width, spec.height, spec.fps),
+            through_server(server, spec.name, True),
+            args.overload_seconds,
+            args.warmup,
+            label=label,
+        )
+    print(result.line(), flush=True)
+    first = result.p95_between(0, 10)
+    last = result.p95_between(args.overload_seconds - 10, args.overload_seconds)
+    print(
+        f"overload: camera {spec.fps} fps, engine {1000 / engine_ms:.1f} fps; "
+        f"p95 first 10 s {first:.1f} ms, last 10 s {last:.1f} ms, ratio {last / first:.2f}",
+        flush=True,
+    )
+    return [result]
+
+
+RUNS = {"onehop": _run_onehop, "server": _run_server, "overload": _run_overload}
+
+
+async def _main(args: argparse.Namespace) -> list[Result]:
+    results = []
+    for mode in args.mode:
+        results += await RUNS[mode](args)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["onehop"], default="onehop")
+    parser.add_argument(
+        "--mode",
+        nargs="+",
+        choices=list(RUNS),
+        default=["server", "overload"],
+        help="onehop: two peers, no server; server: through livemorph with the passthrough "
+        "engine; overload: an engine slower than the camera (default: server overload)",
+    )
     parser.add_argument("--jitter", nargs="+", choices=["stock", "fast"], default=["stock", "fast"])
-    parser.add_argument("--size", nargs="+", type=_size, default=[(1280, 704), (640, 352)])
-    parser.add_argument("--fps", nargs="+", type=float, default=[25.0, 10.0])
+    parser.add_argument(
+        "--size", nargs="+", type=_size, default=[(1280, 704), (640, 352)], help="onehop sizes"
+    )
+    parser.add_argument("--fps", nargs="+", type=float, default=[25.0, 10.0], help="onehop fps")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=CAMERA_MODELS,
+        default=list(CAMERA_MODELS),
+        help="server mode: the models to measure, each at its size and fps",
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--overload-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--engine-ms",
+        type=float,
+        default=60.0,
+        help="overload: engine time per frame (60 ms: 16.7 fps < 25 fps camera)",
+    )
     parser.add_argument(
         "--warmup", type=float, default=1.0, help="seconds ignored after the first frame"
     )

@@ -20,7 +20,7 @@ from decart.types import ModelState, Prompt
 from livemorph.config import Settings
 from livemorph.server import create_app
 from livemorph.storage import Store
-from tests.conftest import free_port
+from livemorph.testing import free_port
 from tests.media import SceneTrack
 from tests.support import eventually
 

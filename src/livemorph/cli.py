@@ -49,7 +49,7 @@ async def _ensure_first_key(settings: Settings) -> str | None:
 def _cmd_serve(settings: Settings) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .server import GracefulServer, create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -64,15 +64,16 @@ def _cmd_serve(settings: Settings) -> int:
             "Make more with: livemorph keys create --name NAME",
             flush=True,
         )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_max_size=MAX_MESSAGE_BYTES,
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
-    uvicorn.Server(config).run()
+    GracefulServer(config, app.state.livemorph).run()
     return 0
 
 

@@ -16,6 +16,10 @@ PERMANENT_ERROR_MARKERS = (
     "unauthorized",
 )
 
+#: `generation_ended` reasons after which a client must not reconnect: the account or the
+#: token says no. Others (`server_shutdown`, a dropped connection) are worth a reconnect.
+FINAL_END_REASONS = frozenset({"insufficient_credits", "max_duration"})
+
 #: Largest decoded reference image a client may send.
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 

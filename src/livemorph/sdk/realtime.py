@@ -24,7 +24,12 @@ from aiortc import AudioStreamTrack, MediaStreamTrack, RTCIceServer
 from .._version import __version__
 from ..errors import ErrorCode, LivemorphError
 from ..models import CATALOG
-from ..protocol import SubscribeTarget, decode_subscribe_token, encode_subscribe_token
+from ..protocol import (
+    FINAL_END_REASONS,
+    SubscribeTarget,
+    decode_subscribe_token,
+    encode_subscribe_token,
+)
 from .images import ImageInput, image_to_base64
 from .signaling import (
     IMAGE_TIMEOUT,
@@ -133,8 +138,10 @@ class _LiveConnection:
         customize_offer: OfferHook | None,
         retry: RetryPolicy,
         connect_timeout: float,
+        fast_receive: bool = True,
     ) -> None:
         self._url = url
+        self._fast_receive = fast_receive
         self._on_remote_stream = on_remote_stream
         self._send = list(send)
         self._receive = tuple(receive)
@@ -305,6 +312,7 @@ class _LiveConnection:
             on_event=on_event,
             ice_servers=self._ice_servers,
             customize_offer=self._customize_offer,
+            fast_receive=self._fast_receive,
         )
         self._signaling = signaling
         self._ended_by_server = None
@@ -362,8 +370,9 @@ class _LiveConnection:
         if self._supervisor is not None and not self._supervisor.done():
             return
         error = signaling.end_error or LivemorphError("connection lost", ErrorCode.WEB_RTC_ERROR)
-        if self._ended_by_server is not None or not should_retry(error):
-            report = self._ended_by_server is None
+        ended = self._ended_by_server
+        if (ended is not None and ended.reason in FINAL_END_REASONS) or not should_retry(error):
+            report = ended is None
             self._supervisor = asyncio.create_task(self._give_up(signaling, error, report))
         else:
             logger.warning("session dropped (%s); reconnecting", error.message)
@@ -541,6 +550,7 @@ class RealtimeAPI:
         ice_servers: Iterable[RTCIceServer] = (),
         retry: RetryPolicy | None = None,
         connect_timeout: float = 30.0,
+        fast_receive: bool = True,
     ) -> RealtimeClient:
         """Start a session that transforms `stream` with `model`; returns once connected.
 
@@ -550,6 +560,8 @@ class RealtimeAPI:
         `{"prompt": {"text": ..., "enhance": True} | str, "image": ...}`, applied before the
         first frame. `on_remote_stream(track)` runs once per remote track. No STUN or TURN
         servers are used unless `ice_servers` names some: the server is reached directly.
+        `fast_receive=False` keeps aiortc's stock receive path (one frame slower; for
+        comparison, or should aiortc's internals change).
         """
         name, url_path = _model_target(model)
         prompt, image_input = _initial_state(initial_state)
@@ -573,6 +585,7 @@ class RealtimeAPI:
             customize_offer=customize_offer,
             retry=retry or RetryPolicy(),
             connect_timeout=connect_timeout,
+            fast_receive=fast_receive,
         )
         session._owned_tracks = owned
         await self._start(session)
@@ -586,6 +599,7 @@ class RealtimeAPI:
         ice_servers: Iterable[RTCIceServer] = (),
         retry: RetryPolicy | None = None,
         connect_timeout: float = 30.0,
+        fast_receive: bool = True,
     ) -> Subscription:
         """Watch the session that `token` (a publisher's `subscribe_token`) names."""
         try:
@@ -606,6 +620,7 @@ class RealtimeAPI:
             customize_offer=None,
             retry=retry or RetryPolicy(),
             connect_timeout=connect_timeout,
+            fast_receive=fast_receive,
         )
         await self._start(viewer)
         return viewer

@@ -108,8 +108,10 @@ class Signaling:
         ice_servers: Sequence[RTCIceServer] = (),
         customize_offer: OfferHook | None = None,
         open_timeout: float = 10.0,
+        fast_receive: bool = True,
     ) -> None:
         self.url = url
+        self._fast_receive = fast_receive
         self.state: ConnectionState = "connecting"
         self.pc: RTCPeerConnection | None = None
         self.session: SessionInfo | None = None
@@ -294,7 +296,8 @@ class Signaling:
             pc.addTransceiver(kind, direction="recvonly")
         for track in tracks:
             pc.addTrack(track)
-        install_jitter_buffer(pc)
+        if self._fast_receive:
+            install_jitter_buffer(pc)
 
         offer = await pc.createOffer()
         if self._customize_offer is not None:

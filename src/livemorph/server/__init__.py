@@ -1,5 +1,5 @@
 """The HTTP and WebSocket face of livemorph: one ASGI app on one port."""
 
-from .app import create_app
+from .app import GracefulServer, create_app
 
-__all__ = ["create_app"]
+__all__ = ["GracefulServer", "create_app"]

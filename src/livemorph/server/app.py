@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 
 from .._version import __version__
@@ -34,3 +36,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rest.router)
     app.include_router(stream.router)
     return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but sessions hear `generation_ended` (`server_shutdown`) before it closes
+    their sockets, so clients know to reconnect elsewhere rather than report a failure."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        await self._state.sessions.close_all("server_shutdown")
+        await super().shutdown(sockets)
