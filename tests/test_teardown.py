@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import threading
 
 import pytest
 import uvicorn
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from decart import models
 from decart.realtime import RealtimeClient, RealtimeConnectOptions
 from decart.types import ModelState, Prompt
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from livemorph.config import Settings
 from livemorph.server import create_app
@@ -83,3 +86,25 @@ async def test_disconnect_frees_everything(tmp_path) -> None:
     finally:
         server.should_exit = True
         await serving
+
+
+async def test_peer_connection_closing_ends_the_session(server) -> None:
+    """The WebSocket stays open but the media is gone: the session ends all the same."""
+    url = f"{server.ws_url}/v1/stream?api_key={server.api_key}&model=mirage"
+    async with connect(url) as ws:
+        assert json.loads(await ws.recv())["type"] == "session_id"
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(SceneTrack(320, 176))
+        await pc.setLocalDescription(await pc.createOffer())
+        await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp}))
+        while (message := json.loads(await ws.recv()))["type"] != "answer":
+            pass
+        await pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "answer"))
+        await eventually(lambda: pc.connectionState == "connected")
+        assert server.active_sessions() == 1
+        await pc.close()
+        assert await asyncio.to_thread(server.wait_sessions, 0) == 0
+        with pytest.raises(ConnectionClosed):  # and the server closes the socket too
+            async with asyncio.timeout(10):
+                while True:
+                    await ws.recv()
