@@ -49,6 +49,7 @@ async def test_prompt_image_and_passthrough_control_the_output(client, server) -
         assert mean_abs_diff(anime, source.last_rgb) > 8
 
         await rt.set_prompt("cyberpunk neon city")
+        assert rt.enhanced_prompt, "the SDK exposes the engine's reading of the prompt"
         neon = await output.fresh()
         assert mean_abs_diff(neon, anime) > 5
 
@@ -141,16 +142,22 @@ async def test_viewer_sees_the_output_and_cannot_steer(client, server) -> None:
     viewer.on("error", errors.append)
     output, watching = FrameSink(rt.video_track), FrameSink(viewer.video_track)
     try:
-        watched, published = await asyncio.gather(watching.fresh(), output.fresh())
+        # Past the first frames, while the viewer's encoder ramps up its bitrate.
+        watched, published = await asyncio.gather(watching.fresh(10), output.fresh(10))
+        camera = photo(1280, 704)
         assert watched.shape == published.shape == (704, 1280, 3)
-        assert mean_abs_diff(watched, published) < 6, "the viewer sees the session's output"
-        assert mean_abs_diff(watched, photo(1280, 704)) > 8, "...which is transformed"
+        assert mean_abs_diff(watched, camera) > 8, "the viewer sees transformed video..."
+        assert mean_abs_diff(watched, published) * 2 < mean_abs_diff(watched, camera), (
+            "...the session's output"
+        )
 
         await viewer.signaling.send_raw({"type": "prompt", "prompt": "hijack"})
         await eventually(lambda: bool(errors))
         assert "not allowed" in errors[0].message
         after = await output.fresh()
-        assert mean_abs_diff(after, published) < 6, "the viewer's prompt changed nothing"
+        # A different prompt would shift the colours of the whole picture; noise does not.
+        shift = np.abs(after.mean(axis=(0, 1)) - published.mean(axis=(0, 1))).max()
+        assert shift < 3, "the viewer's prompt changed nothing"
     finally:
         await output.close()
         await watching.close()

@@ -79,7 +79,11 @@ async def test_prompt_ack_echoes_the_prompt(server) -> None:
         await recv_type(ws, "session_id")
         await ws.send(json.dumps({"type": "prompt", "prompt": "Anime  style ✨"}))
         ack = await recv_type(ws, "prompt_ack")
+        enhanced = ack.pop("enhanced_prompt")
         assert ack == {"type": "prompt_ack", "prompt": "Anime  style ✨", "success": True}
+        assert enhanced, "the engine's reading of an enhanced prompt comes back with the ack"
+        await ws.send(json.dumps({"type": "prompt", "prompt": "exact", "enhance_prompt": False}))
+        assert "enhanced_prompt" not in await recv_type(ws, "prompt_ack")
 
 
 @pytest.mark.parametrize(
@@ -168,6 +172,7 @@ async def test_set_image_variants_are_acked(server) -> None:
         ):
             await ws.send(json.dumps(message))
             ack = await recv_type(ws, "set_image_ack")
+            ack.pop("enhanced_prompt", None)
             assert ack == {"type": "set_image_ack", "success": True}
 
 

@@ -45,6 +45,11 @@ class EngineSession(ABC):
     def transform(self, frame: VideoFrame) -> VideoFrame:
         """One camera frame in, one output frame at the model's size out."""
 
+    @property
+    def description(self) -> str | None:
+        """What the engine is rendering, in words: the enhanced prompt, if it makes one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-session resources."""
 

@@ -50,6 +50,13 @@ class Grade:
             tint_v=strength * math.sin(angle),
         )
 
+    def describe(self) -> str:
+        levels = f", posterised to {self.levels} levels" if self.levels else ""
+        return (
+            f"colour grade: contrast {self.contrast:.2f}, saturation {self.saturation:.2f}, "
+            f"tint ({self.tint_u:+.0f} U, {self.tint_v:+.0f} V){levels}"
+        )
+
     def luts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         y = (_RAMP - 128.0) * self.contrast + 128.0
         if self.levels:
@@ -87,11 +94,18 @@ class GradeSession(EngineSession):
         super().__init__(spec)
         self._luts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._reference: np.ndarray | None = None
+        self._description: str | None = None
 
     def configure(self, controls: Controls) -> None:
         self._reference = None if controls.image is None else rgb_to_yuv_stats(controls.image)
         # With an image and no prompt, the reference image alone sets the look.
-        self._luts = None if controls.prompt is None else Grade.from_prompt(controls.prompt).luts()
+        grade = None if controls.prompt is None else Grade.from_prompt(controls.prompt)
+        self._luts = None if grade is None else grade.luts()
+        self._description = None if grade is None else grade.describe()
+
+    @property
+    def description(self) -> str | None:
+        return self._description
 
     def transform(self, frame: VideoFrame) -> VideoFrame:
         fitted = fit_frame(frame, self.spec.width, self.spec.height)

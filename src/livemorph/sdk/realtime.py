@@ -462,6 +462,12 @@ class RealtimeClient(_LiveConnection):
         else:
             await self.set_image(image, prompt=prompt, enhance=enhance)
 
+    @property
+    def enhanced_prompt(self) -> str | None:
+        """How the server's engine read the current prompt when `enhance` was on: the fuller
+        description it renders (sent as `enhanced_prompt` in the acks), or None."""
+        return self._signaling.enhanced_prompt if self._signaling is not None else None
+
     async def passthrough(self) -> None:
         """Stop transforming: clear the prompt and the image until the next `set`."""
         await self._live().send_image(None, ack_timeout=IMAGE_TIMEOUT, passthrough=True)

@@ -115,6 +115,8 @@ class Signaling:
         self.state: ConnectionState = "connecting"
         self.pc: RTCPeerConnection | None = None
         self.session: SessionInfo | None = None
+        #: The engine's fuller reading of the last enhanced prompt (from the acks).
+        self.enhanced_prompt: str | None = None
         #: The last `error` the server sent, classified.
         self.error: LivemorphError | None = None
         self._last_was_error = False
@@ -375,6 +377,9 @@ class Signaling:
         """Act on one message from the server (the receive loop calls this for each)."""
         kind = data.get("type")
         self._last_was_error = kind == "error"
+        enhanced = data.get("enhanced_prompt")
+        if kind in ("prompt_ack", "set_image_ack") and data.get("success") and enhanced:
+            self.enhanced_prompt = str(enhanced)
         if kind == "answer":
             await self._apply_answer(str(data.get("sdp") or ""))
         elif kind == "ice-candidate":

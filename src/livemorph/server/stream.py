@@ -182,7 +182,7 @@ async def _handle_prompt(channel: Channel, session: Session, message: dict[str, 
         await channel.send({**ack, "success": False, "error": str(exc)})
         return
     await session.apply(Controls(prompt=text, enhance=enhance, image=session.controls.image))
-    await channel.send({**ack, "success": True})
+    await channel.send({**ack, "success": True, **_enhanced(session)})
 
 
 async def _handle_set_image(channel: Channel, session: Session, message: dict[str, Any]) -> None:
@@ -192,7 +192,21 @@ async def _handle_set_image(channel: Channel, session: Session, message: dict[st
         await channel.send({"type": "set_image_ack", "success": False, "error": str(exc)})
         return
     await session.apply(controls)
-    await channel.send({"type": "set_image_ack", "success": True})
+    await channel.send({"type": "set_image_ack", "success": True, **_enhanced(session)})
+
+
+def _enhanced(session: Session) -> dict[str, str]:
+    """The engine's fuller reading of an enhanced prompt, logged and sent with the ack.
+
+    `enhanced_prompt` is an extra ack field: the published clients ignore it, ours expose it.
+    """
+    description = session.pipeline.engine.description
+    if not description or not session.controls.enhance or session.controls.prompt is None:
+        return {}
+    logger.info(
+        "session %s: prompt %r enhanced to %r", session.id, session.controls.prompt, description
+    )
+    return {"enhanced_prompt": description}
 
 
 async def _image_controls(current: Controls, message: dict[str, Any]) -> Controls:
