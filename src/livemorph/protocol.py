@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from typing import Any
+
+from aiortc import RTCIceCandidate
+from aiortc.sdp import candidate_from_sdp
 
 #: Error texts containing any of these end a client's retries (case-insensitive).
 PERMANENT_ERROR_MARKERS = (
@@ -62,3 +66,18 @@ def decode_subscribe_token(token: str) -> SubscribeTarget:
     if not target.session_id or not target.ip or target.port <= 0:
         raise ValueError("invalid subscribe token")
     return target
+
+
+def parse_candidate(payload: dict[str, Any]) -> RTCIceCandidate | None:
+    """An aiortc candidate from the wire form; None for an end-of-candidates marker.
+
+    Raises ValueError (or IndexError) on a candidate line that does not parse.
+    """
+    text = str(payload.get("candidate") or "").strip()
+    if not text:
+        return None
+    candidate = candidate_from_sdp(text.removeprefix("candidate:"))
+    candidate.sdpMid = payload.get("sdpMid")
+    index = payload.get("sdpMLineIndex")
+    candidate.sdpMLineIndex = int(index) if index is not None else None
+    return candidate

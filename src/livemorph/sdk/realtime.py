@@ -36,7 +36,6 @@ from .signaling import (
     PROMPT_TIMEOUT,
     ConnectionState,
     OfferHook,
-    SessionInfo,
     Signaling,
 )
 
@@ -337,7 +336,7 @@ class _LiveConnection:
     async def _prepare(self, signaling: Signaling) -> None:
         """Messages to exchange before the offer (a publisher's initial state)."""
 
-    def _on_session(self, info: SessionInfo) -> None:
+    def _on_session(self, info: SubscribeTarget) -> None:
         """A `session_id` message arrived."""
 
     def _on_signal(self, signaling: Signaling, kind: str, payload: Any) -> None:
@@ -428,7 +427,7 @@ class RealtimeClient(_LiveConnection):
         self._prompt = prompt
         self._image = image
         self._http = http
-        self._session: SessionInfo | None = None
+        self._session: SubscribeTarget | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -439,10 +438,7 @@ class RealtimeClient(_LiveConnection):
         """A token another client passes to `client.realtime.subscribe()` to watch this."""
         if self._session is None:
             return None
-        info = self._session
-        return encode_subscribe_token(
-            SubscribeTarget(info.session_id, info.server_ip, info.server_port)
-        )
+        return encode_subscribe_token(self._session)
 
     async def set(
         self,
@@ -520,7 +516,7 @@ class RealtimeClient(_LiveConnection):
         else:
             await signaling.send_image(None, ack_timeout=IMAGE_TIMEOUT, passthrough=True)
 
-    def _on_session(self, info: SessionInfo) -> None:
+    def _on_session(self, info: SubscribeTarget) -> None:
         self._session = info
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,12 +25,11 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
-from aiortc.sdp import candidate_from_sdp
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..errors import ErrorCode, LivemorphError, error_from_server_text
-from ..protocol import MAX_MESSAGE_BYTES
+from ..protocol import MAX_MESSAGE_BYTES, SubscribeTarget, parse_candidate
 
 logger = logging.getLogger(__name__)
 
@@ -56,33 +54,10 @@ class WebSocketLike(Protocol):
     def __aiter__(self) -> AsyncIterator[str | bytes]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """The `session_id` message: the session and the node that hosts it."""
-
-    session_id: str
-    server_ip: str
-    server_port: int
-
-
 def redact_url(url: str) -> str:
     """The URL without its query string, which carries the API key."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-def parse_candidate(payload: dict[str, Any]) -> RTCIceCandidate | None:
-    """An aiortc candidate from the wire form; None for an end-of-candidates marker."""
-    text = str(payload.get("candidate") or "").strip()
-    if not text:
-        return None
-    if text.startswith("candidate:"):
-        text = text[len("candidate:") :]
-    candidate = candidate_from_sdp(text)
-    candidate.sdpMid = payload.get("sdpMid")
-    index = payload.get("sdpMLineIndex")
-    candidate.sdpMLineIndex = int(index) if index is not None else None
-    return candidate
 
 
 def install_jitter_buffer(pc: RTCPeerConnection) -> None:
@@ -96,7 +71,7 @@ class Signaling:
     """One WebSocket plus one RTCPeerConnection; emits events through `on_event(kind, payload)`.
 
     Event kinds: "state" (ConnectionState), "error" (LivemorphError), "session_id"
-    (SessionInfo), "generation_tick" (int seconds), "generation_ended" ((seconds, reason)),
+    (SubscribeTarget), "generation_tick" (int seconds), "generation_ended" ((seconds, reason)),
     "track" (MediaStreamTrack).
     """
 
@@ -114,7 +89,7 @@ class Signaling:
         self._fast_receive = fast_receive
         self.state: ConnectionState = "connecting"
         self.pc: RTCPeerConnection | None = None
-        self.session: SessionInfo | None = None
+        self.session: SubscribeTarget | None = None
         #: The engine's fuller reading of the last enhanced prompt (from the acks).
         self.enhanced_prompt: str | None = None
         #: The last `error` the server sent, classified.
@@ -385,7 +360,7 @@ class Signaling:
         elif kind == "ice-candidate":
             await self._add_candidate(data.get("candidate"))
         elif kind == "session_id":
-            self.session = SessionInfo(
+            self.session = SubscribeTarget(
                 str(data.get("session_id") or ""),
                 str(data.get("server_ip") or ""),
                 int(data.get("server_port") or 0),

@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import json
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -140,16 +141,20 @@ async def stream(ws: WebSocket) -> None:
         await channel.send(
             {"type": "session_id", "session_id": session.id, "server_ip": ip, "server_port": port}
         )
-        receiving = asyncio.create_task(_publisher_loop(channel, session))
-        ended = asyncio.create_task(session.ended.wait())
-        await asyncio.wait({receiving, ended}, return_when=asyncio.FIRST_COMPLETED)
-        receiving.cancel()
-        ended.cancel()
-        await asyncio.gather(receiving, ended, return_exceptions=True)
+        await _until_either(_publisher_loop(channel, session), session.ended)
     finally:
         await session.close(notify=False)
         state.sessions.remove(session)
         await channel.close()
+
+
+async def _until_either(loop: Coroutine[Any, Any, None], ended: asyncio.Event) -> None:
+    """Run a message loop until the client leaves or the session ends, whichever is first."""
+    tasks = {asyncio.create_task(loop), asyncio.create_task(ended.wait())}
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _publisher_loop(channel: Channel, session: Session) -> None:
@@ -301,12 +306,7 @@ async def subscribe(ws: WebSocket, session_id: str) -> None:
         return
     viewer = await session.add_viewer(channel.send)
     try:
-        receiving = asyncio.create_task(_viewer_loop(channel, viewer))
-        ended = asyncio.create_task(viewer.ended.wait())
-        await asyncio.wait({receiving, ended}, return_when=asyncio.FIRST_COMPLETED)
-        receiving.cancel()
-        ended.cancel()
-        await asyncio.gather(receiving, ended, return_exceptions=True)
+        await _until_either(_viewer_loop(channel, viewer), viewer.ended)
     finally:
         await viewer.close()
         await channel.close()

@@ -12,11 +12,11 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
-from aiortc.sdp import candidate_from_sdp
 
 from ..engines.base import Controls, EngineSession
 from ..media.jitter import install_on_peer_connection
 from ..models import ModelSpec
+from ..protocol import parse_candidate
 from ..storage import Principal
 from .pipeline import Pipeline
 
@@ -40,12 +40,9 @@ def new_peer_connection() -> RTCPeerConnection:
 
 async def add_ice_candidate(pc: RTCPeerConnection, payload: dict[str, Any]) -> None:
     """Apply one trickled candidate (`{candidate, sdpMid, sdpMLineIndex}`)."""
-    text = str(payload["candidate"])
-    candidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
-    candidate.sdpMid = payload.get("sdpMid")
-    index = payload.get("sdpMLineIndex")
-    candidate.sdpMLineIndex = int(index) if index is not None else None
-    await pc.addIceCandidate(candidate)
+    candidate = parse_candidate(payload)
+    if candidate is not None:
+        await pc.addIceCandidate(candidate)
 
 
 class Session:
