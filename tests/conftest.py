@@ -11,6 +11,6 @@ from livemorph.testing import LiveServer, serve
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A server with the default engines (the colour grade on every restyle model)."""
+    """A server with the default engines (the neural engine on every restyle model)."""
     with serve(tmp_path_factory.mktemp("server")) as live:
         yield live

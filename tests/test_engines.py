@@ -65,7 +65,7 @@ def test_passthrough_controls_leave_the_picture_alone() -> None:
 def test_registry_maps_models_to_engines() -> None:
     registry = EngineRegistry()
     spec, engine = registry.resolve("mirage_v2")
-    assert spec.fps == 22 and engine.name == "grade"
+    assert spec.fps == 22 and engine.name == "neural"
     assert registry.resolve("lucy_2_rt")[1] is engine, "engines load once per process"
     try:
         registry.resolve("live_avatar")

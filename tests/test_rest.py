@@ -24,8 +24,10 @@ def test_models_lists_the_catalog(http) -> None:
         "height": 704,
         "kind": CATALOG["mirage_v2"].kind,
         "available": True,
+        "engine": "neural",
     }
     assert models["live_avatar"]["available"] is False
+    assert models["live_avatar"]["engine"] is None
 
 
 def test_token_with_no_body_and_no_content_type(http, server) -> None:

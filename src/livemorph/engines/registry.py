@@ -12,20 +12,29 @@ from .passthrough import PassthroughEngine, SleepEngine
 
 logger = logging.getLogger(__name__)
 
+
+def _neural(options: str = "") -> Engine:
+    """The neural engine, imported only when asked for: it pulls in ONNX Runtime."""
+    from .neural.engine import NeuralEngine
+
+    return NeuralEngine(options)
+
+
 #: Engine factories by name. Engines import heavy runtimes lazily inside their factory.
 #: An engine spec may carry one argument after a colon: `sleep:120` calls `SleepEngine("120")`.
 ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
     "passthrough": PassthroughEngine,
     "grade": GradeEngine,
     "sleep": SleepEngine,
+    "neural": _neural,
 }
 
 #: The engine each model uses unless configured otherwise; None: not served here yet.
 DEFAULT_ENGINES: dict[str, str | None] = {
-    "mirage": "grade",
-    "mirage_v2": "grade",
-    "lucy_v2v_720p_rt": "grade",
-    "lucy_2_rt": "grade",
+    "mirage": "neural",
+    "mirage_v2": "neural",
+    "lucy_v2v_720p_rt": "neural",
+    "lucy_2_rt": "neural",
     "live_avatar": None,
 }
 

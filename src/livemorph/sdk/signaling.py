@@ -60,6 +60,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+def use_realtime_encoder(pc: RTCPeerConnection) -> None:
+    """Encode the camera with livemorph's faster VP8 settings (see media/encoder.py)."""
+    from ..media import encoder
+
+    encoder.use_realtime_encoder(pc)
+
+
 def install_jitter_buffer(pc: RTCPeerConnection) -> None:
     """Swap in livemorph's marker-bit jitter buffer so frames are released without delay."""
     from ..media import jitter
@@ -424,6 +431,7 @@ class Signaling:
             return
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            use_realtime_encoder(pc)
             for candidate in self._queued_candidates:
                 await pc.addIceCandidate(candidate)
         except Exception as exc:

@@ -22,6 +22,7 @@ class ModelInfo(BaseModel):
     height: int
     kind: str
     available: bool = Field(description="Whether this server has an engine for the model.")
+    engine: str | None = Field(description="The engine that serves the model here, if any.")
 
 
 class RealtimeConstraints(BaseModel):
@@ -73,10 +74,11 @@ async def healthz(request: Request) -> dict[str, Any]:
 async def list_models(request: Request) -> list[ModelInfo]:
     """The realtime model catalog, with what each model expects from the camera."""
     engines = _state(request).engines
-    return [
-        ModelInfo(**spec.to_dict(), available=engines.engine_name(name) is not None)
-        for name, spec in CATALOG.items()
-    ]
+    infos = []
+    for name, spec in CATALOG.items():
+        engine = engines.engine_name(name)
+        infos.append(ModelInfo(**spec.to_dict(), available=engine is not None, engine=engine))
+    return infos
 
 
 @router.post(

@@ -14,6 +14,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from ..engines.base import Controls, EngineSession
+from ..media.encoder import use_realtime_encoder
 from ..media.jitter import install_on_peer_connection
 from ..models import ModelSpec
 from ..protocol import parse_candidate
@@ -114,6 +115,7 @@ class Session:
             # A recvonly video offer (an avatar) still gets the model's output.
             pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
         await pc.setLocalDescription(await pc.createAnswer())
+        use_realtime_encoder(pc)
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, payload: dict[str, Any]) -> None:
@@ -207,6 +209,7 @@ class Viewer:
                 self._tracks.append(track)
                 pc.addTrack(track)
         await pc.setLocalDescription(await pc.createAnswer())
+        use_realtime_encoder(pc)
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, payload: dict[str, Any]) -> None:

@@ -1,0 +1,455 @@
+"""The neural engine: real style-transfer networks restyle the camera in real time on a CPU.
+
+Per frame (1280x704 output, 224x124 network; figures in bench/engine.py):
+
+1. one swscale pass takes the decoded yuv420p frame straight to planar float RGB at the
+   network's size (area filter: it also averages away most camera noise);
+2. the stabiliser blends that input with the previous one where the camera is still;
+3. multistyle26 renders it in the prompt's blend of its 26 learned styles (the only heavy
+   step, ~90% of the time);
+4. at that low resolution: the reference image's palette, the prompt's grade, the mix with
+   the camera picture by the look's strength, and the temporal blend;
+5. one swscale pass scales the result up to the output size as yuv420p, and the camera's
+   own fine luma detail (what a downscale removes) is added back, so edges stay crisp
+   although the network ran at a sixteenth of the pixels.
+
+Options (`--engine neural:size=384x208,threads=1,stabilise=0,detail=0.3`): the network
+size for 16:9 output (other aspects keep its pixel count), the intra-op threads, whether
+to stabilise, and how much camera detail goes over the stylised part of the picture.
+
+`LIVEMORPH_BENCH_KEEP_STAMP=1` is a benchmarking aid only: it copies the camera's top-left
+368x48 pixels into the output unchanged, so bench/engine.py can read the latency stamp
+that bench/latency.py's source draws there. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+from av import VideoFrame
+from av.video.reformatter import VideoReformatter
+
+from ...media.frames import fit_frame
+from ...models import ModelSpec
+from ..base import Controls, Engine, EngineSession
+from .look import NUM_STYLES, Grade, Look
+from .networks import StyleNetworks, available_cores
+from .temporal import Stabiliser
+
+logger = logging.getLogger(__name__)
+
+KEEP_STAMP_ENV = "LIVEMORPH_BENCH_KEEP_STAMP"
+#: The latency stamp's corner (bench/framecode.py: 16 px margin + 22 x 2 cells of 16 px).
+STAMP_WIDTH, STAMP_HEIGHT = 368, 48
+#: The network's input size for 16:9-ish output (1280x704); see `network_size`. The network
+#: runs on one core, so its size sets the frame rate whatever the core count. On the 2-core
+#: reference machine, end to end with the client beside the server: 224x124 gives 18 fps at
+#: 141 ms p50, 256x140 14-15 fps at 165 ms (bench/engine.py --parts e2e). A faster core can
+#: afford `--engine neural:size=320x176` for finer brush strokes.
+DEFAULT_SIZE = (224, 124)
+#: Camera luma detail laid over the stylised picture (0: none, 1: all of it).
+DEFAULT_DETAIL = 0.3
+#: Camera luma detail below this many levels is taken for sensor noise and left out.
+DETAIL_CORING = 6
+#: Reference image -> style blend: how many of the nearest styles, and how sharply.
+NEAREST_STYLES = 3
+STYLE_TEMPERATURE = 0.25
+#: The palette a reference image lends is capped at this gain per channel.
+MAX_PALETTE_GAIN = 3.0
+#: How much of the stylised picture shows when a reference image comes without a prompt.
+IMAGE_STRENGTH = 0.9
+
+#: What `--engine neural:key=value,...` may set.
+OPTIONS = ("size", "threads", "spin", "runs", "stabilise", "detail", "nice")
+
+_RGB_TO_YUV = np.array(
+    [[0.299, 0.587, 0.114], [-0.169, -0.331, 0.5], [0.5, -0.419, -0.081]], np.float32
+)
+_YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV).astype(np.float32)
+
+
+class LookSource(Protocol):
+    """What turns a prompt into a `Look`: `styles.StyleCatalog`, or a stand-in in tests."""
+
+    def look_for(self, prompt: str, enhance: bool = True) -> Look: ...
+
+
+def network_size(width: int, height: int, base: tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:
+    """The network's input size for a `width` x `height` output: `base` when the aspects
+    agree, else `base`'s width and the output's aspect (multiples of 4 either way)."""
+    if abs(base[0] * height / (base[1] * width) - 1.0) < 0.02:
+        return base
+    return base[0], max(4, round(base[0] * height / width / 4) * 4)
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """`size=384x208,threads=1` -> {"size": "384x208", "threads": "1"}."""
+    options = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in OPTIONS:
+            raise ValueError(f"bad neural engine option {part!r} (known: {', '.join(OPTIONS)})")
+        options[key] = value
+    return options
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "off", "false", "no")
+
+
+def _synthetic_content(size: int = 128, seed: int = 7) -> np.ndarray:
+    """A photo-like test card (1/f colour noise): content for rendering the 26 styles."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    falloff = np.maximum(fx**2 + fy**2, 1.0 / size**2) ** -0.9
+    planes = []
+    for _ in range(3):
+        spectrum = (rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) * falloff
+        plane = np.real(np.fft.ifft2(spectrum))
+        planes.append(0.5 + 0.18 * (plane - plane.mean()) / plane.std())
+    return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)[None]
+
+
+class NeuralEngine(Engine):
+    """multistyle26 for every frame, arbitrary_predict for reference images.
+
+    Heavy state (ONNX sessions, the prompt catalog) loads on first use in a worker thread,
+    so starting the first session does not stall the event loop, and once per process.
+    """
+
+    name = "neural"
+
+    def __init__(self, options: str = "", catalog: LookSource | None = None) -> None:
+        parsed = parse_options(options)
+        width, _, height = parsed.get("size", "x".join(map(str, DEFAULT_SIZE))).partition("x")
+        self.size = (int(width), int(height))
+        if self.size[0] % 4 or self.size[1] % 4 or min(self.size) < 16:
+            raise ValueError("the network size must be multiples of 4, at least 16")
+        self.threads = int(parsed.get("threads", "1"))
+        self.permits = int(parsed["runs"]) if "runs" in parsed else None
+        nice = parsed.get("nice", "0")
+        self.nice: int | None = None if nice == "idle" else int(nice)
+        self.spinning = _flag(parsed.get("spin", "0"))
+        self.stabilise = _flag(parsed.get("stabilise", "1"))
+        self.detail = float(parsed.get("detail", DEFAULT_DETAIL))
+        self.keep_stamp = os.environ.get(KEEP_STAMP_ENV, "") == "1"
+        if self.keep_stamp:
+            logger.warning("%s=1: stamp corner left unstyled (benchmarks only)", KEEP_STAMP_ENV)
+        self._lock = threading.Lock()
+        self._networks: StyleNetworks | None = None
+        self._helpers: ThreadPoolExecutor | None = None
+        self._catalog = catalog
+        self._style_bank: np.ndarray | None = None
+
+    @property
+    def helpers(self) -> ThreadPoolExecutor:
+        """Threads for work that runs beside the network (the camera detail layer)."""
+        with self._lock:
+            if self._helpers is None:
+                self._helpers = ThreadPoolExecutor(
+                    max_workers=available_cores(), thread_name_prefix="neural-helper"
+                )
+            return self._helpers
+
+    def lower_priority(self) -> None:
+        """Give the calling thread the engine's priority (see `nice`), once per thread."""
+        if self.nice != 0:
+            _lower_priority(self.nice)
+
+    def close(self) -> None:
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def networks(self) -> StyleNetworks:
+        with self._lock:
+            if self._networks is None:
+                self._networks = StyleNetworks(self.threads, self.spinning, self.permits)
+            return self._networks
+
+    def look_for(self, prompt: str, enhance: bool) -> Look:
+        """The prompt's look from the style catalog (loaded on first use)."""
+        with self._lock:
+            if self._catalog is None:
+                from .styles import StyleCatalog
+
+                self._catalog = StyleCatalog.load()
+            catalog = self._catalog
+        return catalog.look_for(prompt, enhance)
+
+    def style_bank(self) -> np.ndarray:
+        """Style embeddings (26 x 100) of the built-in styles, computed once, on first use.
+
+        Each style renders the same test card and arbitrary_predict embeds the render: a
+        reference picture is then matched against these. Recovers the right style from a
+        photo rendered in it for 50 of 52 style/photo pairs (bench/engine.py).
+        """
+        networks = self.networks
+        with self._lock:
+            if self._style_bank is not None:
+                return self._style_bank
+        content = _synthetic_content()
+        rows = []
+        for index in range(NUM_STYLES):
+            weights = np.zeros(NUM_STYLES, np.float32)
+            weights[index] = 1.0
+            render = networks.stylize(content, weights)[0]
+            rgb = (np.clip(render.transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            rows.append(networks.style_vector(rgb))
+        bank = np.stack(rows)
+        with self._lock:
+            self._style_bank = bank
+        return bank
+
+    def weights_for_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blend of built-in styles nearest a picture's style, and the picture's palette.
+
+        Weights go to the `NEAREST_STYLES` styles whose embedding is closest to the
+        picture's, softmax-weighted by distance. The palette is the mean and spread of the
+        picture's Y, U, V (0..1), shape (3, 2).
+        """
+        bank = self.style_bank()
+        distances = np.linalg.norm(bank - self.networks.style_vector(image), axis=1)
+        nearest = np.argsort(distances)[:NEAREST_STYLES]
+        scores = np.exp(-(distances[nearest] - distances[nearest[0]]) / STYLE_TEMPERATURE)
+        weights = np.zeros(NUM_STYLES, np.float32)
+        weights[nearest] = scores / scores.sum()
+        return weights, palette_of(image)
+
+    def open_session(self, spec: ModelSpec) -> NeuralSession:
+        return NeuralSession(spec, self)
+
+
+def palette_of(image: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of Y, U, V over an RGB uint8 picture: shape (3, 2)."""
+    step = max(1, min(image.shape[:2]) // 128)
+    rgb = image[::step, ::step, :3].reshape(-1, 3).astype(np.float32) / 255.0
+    yuv = rgb @ _RGB_TO_YUV.T
+    return np.stack([yuv.mean(axis=0), yuv.std(axis=0) + 1e-3], axis=1)
+
+
+def palette_affine(planar: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The affine map (matrix, offset) on RGB that gives a planar image (3, h, w) the
+    palette's Y/U/V mean and spread."""
+    sample = planar[:, ::2, ::2].reshape(3, -1)
+    yuv = _RGB_TO_YUV @ sample
+    mean, std = yuv.mean(axis=1), yuv.std(axis=1) + 1e-3
+    gain = np.clip(palette[:, 1] / std, 1.0 / MAX_PALETTE_GAIN, MAX_PALETTE_GAIN)
+    matrix = _YUV_TO_RGB @ (gain[:, None] * _RGB_TO_YUV)
+    offset = _YUV_TO_RGB @ (palette[:, 0] - gain * mean)
+    return matrix.astype(np.float32), offset.astype(np.float32)
+
+
+def colour(planar: np.ndarray, palette: np.ndarray | None, grade: Grade) -> np.ndarray:
+    """Palette transfer, then the grade, as one affine map over a planar RGB image (3, h, w),
+    clipped to 0..1. Both are linear in RGB, so at low resolution this is one small pass."""
+    from .styles import grade_matrix
+
+    matrix, offset = np.eye(3, dtype=np.float32), np.zeros(3, np.float32)
+    if palette is not None:
+        matrix, offset = palette_affine(planar, palette)
+    if grade != Grade():
+        grade_m, grade_o = grade_matrix(grade)
+        matrix, offset = grade_m @ matrix, grade_m @ offset + grade_o
+    out = np.tensordot(matrix.astype(np.float32), planar, axes=1)
+    out += offset.astype(np.float32)[:, None, None]
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+class NeuralSession(EngineSession):
+    """One stream's look, buffers and temporal state.
+
+    The prompt picks a `Look` from the catalog: a blend of the 26 styles, a strength and a
+    colour grade. A reference image replaces the look's style blend with the built-in
+    styles nearest the picture's own style (by arbitrary_predict's style embedding) and
+    lends its palette (colour mean and spread); the prompt, if any, still sets the strength
+    and the colour grade on top. Clearing the image restores the prompt's look exactly.
+
+    For `lucy_2_rt` the reference image is meant as "a character or object to bring into
+    the scene". These networks cannot do that: they change how a picture is painted, never
+    what is in it, and cannot insert, replace or track an object. What the image does here
+    is the same as for the restyle models: its style and palette restyle the whole scene.
+    A person or object shown in the reference does not appear in the output.
+
+    `look` is the look last applied (None in passthrough); `description` its fuller text.
+    """
+
+    def __init__(self, spec: ModelSpec, engine: NeuralEngine) -> None:
+        super().__init__(spec)
+        self.engine = engine
+        self.size = network_size(spec.width, spec.height, engine.size)
+        self.look: Look | None = None
+        self._prompt_look: Look | None = None
+        #: The reference image last embedded (held, so identity means "same picture"),
+        #: the style blend it chose and its palette.
+        self._image: np.ndarray | None = None
+        self._image_weights: np.ndarray | None = None
+        self._palette: np.ndarray | None = None
+        self.stabiliser = Stabiliser() if engine.stabilise else Stabiliser(hold=0.0, denoise=0.0)
+        width, height = self.size
+        self._input = np.empty((1, 3, height, width), np.float32)
+        self._styled = np.empty((1, 3, height, width), np.float32)
+        # one scaler per conversion, so each keeps its swscale context between frames
+        self._down = VideoReformatter()
+        self._luma_down = VideoReformatter()
+        self._up = VideoReformatter()
+        self._luma_up = VideoReformatter()
+
+    @property
+    def description(self) -> str | None:
+        if self.look is None or not self.look.description:
+            return None
+        return self.look.description
+
+    def configure(self, controls: Controls) -> None:
+        self.engine.lower_priority()
+        self.stabiliser.reset()  # the next frame shows the new look alone, whatever it is
+        if controls.passthrough:
+            self.look = self._prompt_look = None
+            self._image = self._image_weights = self._palette = None
+            return
+        prompt_look = (
+            self.engine.look_for(controls.prompt, controls.enhance)
+            if controls.prompt is not None
+            else None
+        )
+        if controls.image is None:
+            self._image = self._image_weights = self._palette = None
+        elif controls.image is not self._image:  # a prompt change keeps the same array
+            self._image_weights, self._palette = self.engine.weights_for_image(controls.image)
+            self._image = controls.image
+        self._prompt_look = prompt_look
+        self.look = self._effective_look()
+        logger.debug("look: %s", self.look.name)
+
+    def _effective_look(self) -> Look:
+        base = self._prompt_look
+        if self._image_weights is None:
+            assert base is not None
+            return base
+        if base is None:
+            return Look(self._image_weights, strength=IMAGE_STRENGTH, name="reference image")
+        return dataclasses.replace(
+            base, weights=self._image_weights, name=f"{base.name} + reference image"
+        )
+
+    def transform(self, frame: VideoFrame) -> VideoFrame:
+        self.engine.lower_priority()
+        width, height = self.spec.width, self.spec.height
+        camera = fit_frame(frame, width, height)
+        look = self.look
+        if look is None:
+            return camera
+        strength = float(np.clip(look.strength, 0.0, 1.0))
+        camera_share, sharpen = 1.0 - strength, strength * self.engine.detail
+        detail: Future[np.ndarray] | None = None
+        if camera_share > 0.0 or sharpen > 0.0:  # needs only the camera: runs beside the network
+            detail = self.engine.helpers.submit(self._detail, camera, camera_share, sharpen)
+
+        small_w, small_h = self.size
+        planar = self._down.reformat(
+            camera, small_w, small_h, format="gbrpf32le", interpolation="AREA", threads=1
+        )
+        net_input = self._input[0]
+        for channel, plane in zip((1, 2, 0), planar.planes, strict=True):  # G, B, R planes
+            rows = np.frombuffer(plane, np.float32).reshape(small_h, plane.line_size // 4)
+            net_input[channel] = rows[:, :small_w]
+        self.stabiliser.denoise(net_input)
+
+        styled = self.engine.networks.stylize(self._input, look.weights, out=self._styled)[0]
+        mixed = colour(styled, self._palette, look.grade)
+        if strength < 1.0:
+            mixed *= strength
+            mixed += (1.0 - strength) * net_input
+        self.stabiliser.stabilise(mixed)
+
+        mixed *= np.float32(255.0)
+        mixed += np.float32(0.5)
+        np.clip(mixed, 0.0, 255.0, out=mixed)
+        rgb = np.empty((small_h, small_w, 3), np.uint8)
+        rgb[...] = mixed.transpose(1, 2, 0)
+        output = self._up.reformat(
+            VideoFrame.from_ndarray(rgb, format="rgb24"),
+            width,
+            height,
+            format="yuv420p",
+            interpolation="BILINEAR",
+            threads=1,
+        )
+        if detail is not None:
+            y_out = _plane(output, 0)
+            added = detail.result()
+            added += y_out
+            np.clip(added, 0, 255, out=added)
+            y_out[...] = added
+        if self.engine.keep_stamp:
+            _copy_corner(camera, output)
+        return output
+
+    def _detail(self, camera: VideoFrame, camera_share: float, sharpen: float) -> np.ndarray:
+        """The camera luma detail the network never saw, to add to the output's Y (int16).
+
+        With d = Y_cam - up(down(Y_cam)): camera_share * d + sharpen * cored(d). The
+        camera's part of the mix gets all of its detail back (at strength 0 the output is
+        the camera), the stylised part only edges: coring drops differences within the
+        noise level, which would bring the sensor noise, and its flicker, back over a
+        stabilised picture. The Y plane is scaled as a plain gray picture: converting
+        yuv420p to "gray" would also stretch video range to full range, a bias as large
+        as the detail.
+        """
+        self.engine.lower_priority()
+        width, height = self.spec.width, self.spec.height
+        y_cam = _plane(camera, 0)
+        gray = VideoFrame.from_ndarray(np.ascontiguousarray(y_cam), format="gray")
+        small = self._luma_down.reformat(gray, *self.size, interpolation="AREA", threads=1)
+        blurred = self._luma_up.reformat(small, width, height, interpolation="BILINEAR", threads=1)
+        detail = np.subtract(y_cam, _plane(blurred, 0), dtype=np.int16)
+        # 7-bit fixed point: |d| <= 255 and the two gains sum to <= 128, so int16 holds it
+        camera_gain, sharpen_gain = round(camera_share * 128), round(sharpen * 128)
+        if sharpen_gain:
+            cored = detail - np.clip(detail, -DETAIL_CORING, DETAIL_CORING)
+            cored *= np.int16(sharpen_gain)
+            detail *= np.int16(camera_gain)
+            detail += cored
+        else:
+            detail *= np.int16(camera_gain)
+        detail >>= 7
+        return detail
+
+
+_niced: set[int] = set()
+
+
+def _lower_priority(nice: int | None) -> None:
+    """Make the calling worker thread `nice` steps nicer (None: SCHED_IDLE), once per thread."""
+    tid = threading.get_native_id()
+    if tid not in _niced:
+        _niced.add(tid)
+        try:
+            if nice is None:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError:
+            logger.warning("could not lower the engine thread's priority")
+
+
+def _plane(frame: VideoFrame, index: int) -> np.ndarray:
+    """A writable (height, width) uint8 view of one plane, without its row padding."""
+    plane = frame.planes[index]
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width]
+
+
+def _copy_corner(camera: VideoFrame, output: VideoFrame) -> None:
+    """Benchmarking aid: the camera's top-left stamp corner, unstyled, in the output."""
+    for index, (w, h) in enumerate(
+        [(STAMP_WIDTH, STAMP_HEIGHT)] + [(STAMP_WIDTH // 2, STAMP_HEIGHT // 2)] * 2
+    ):
+        _plane(output, index)[:h, :w] = _plane(camera, index)[:h, :w]
