@@ -16,6 +16,10 @@ preempted. One thread per run leaves the codecs a core and delivered more fps at
 latency. Fairness: `permits` runs at once (cores / threads, i.e. 2 here), taken first
 come, first served, so ORT threads x concurrent sessions never exceed the cores and two
 sessions share them evenly.
+
+Batching two sessions' frames into one run is not possible with this graph: its input is
+fixed at batch 1 with one style vector, and laying two frames side by side would mix their
+instance-normalisation statistics (and styles), so each session's frame runs on its own.
 """
 
 from __future__ import annotations
