@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from livemorph.testing import LiveServer, serve
+from tests.postgres import PostgresServer, postgres_server
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +15,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A server with the default engines (the neural engine on every restyle model)."""
     with serve(tmp_path_factory.mktemp("server")) as live:
         yield live
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (Debian's binaries) for this test run; skipped without
+    them, failed under CI=true. Each test takes a fresh database: `postgres.new_database()`."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh, empty database on each backend, as a plain URL (the store maps drivers)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'livemorph.db'}"
+    return request.getfixturevalue("postgres").new_database()

@@ -1,4 +1,4 @@
-"""The `livemorph` command: `serve` runs the server, `keys create` mints an API key."""
+"""The `livemorph` command: `serve` runs the server; `keys` and `credits` manage accounts."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from .config import Settings
+from .config import LIMITS, Settings, limit_value
 from .logs import install_redaction
-from .protocol import MAX_MESSAGE_BYTES
-from .storage import Store
+from .storage import AmbiguousKey, ApiKey, KeyNotFound, Store
 
 DEV_KEY_NAME = "development"
 
@@ -23,12 +23,13 @@ def _store_for(settings: Settings) -> Store:
     return Store.in_data_dir(settings.data_dir)
 
 
-async def _create_key(settings: Settings, name: str) -> str:
+async def _create_key(
+    settings: Settings, name: str, credits: int | None = None
+) -> tuple[str, ApiKey]:
     store = _store_for(settings)
     try:
         await store.open()
-        secret, _ = await store.create_api_key(name)
-        return secret
+        return await store.create_api_key(name, credits)
     finally:
         await store.close()
 
@@ -70,18 +71,104 @@ def _cmd_serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_max_size=MAX_MESSAGE_BYTES,
+        # A larger message closes its socket with 1009; 0 lifts the limit.
+        ws_max_size=settings.max_message_bytes or None,
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
     GracefulServer(config, app.state.livemorph).run()
     return 0
 
 
-def _cmd_keys_create(settings: Settings, name: str) -> int:
-    secret = asyncio.run(_create_key(settings, name))
-    print(f"Created API key {name!r} (stored hashed; copy it now, it is not shown again):")
+def _cmd_keys_create(settings: Settings, name: str, credits: int | None = None) -> int:
+    secret, key = asyncio.run(_create_key(settings, name, credits))
+    print(
+        f"Created API key {name!r} (id {key.id}, credits {_credits_text(key.credit_seconds)}; "
+        "stored hashed: copy it now, it is not shown again):"
+    )
     print(secret)
     return 0
+
+
+# -- keys list|revoke, credits grant|show: one short-lived store per command -------------
+
+
+def _credits_text(seconds: int | None) -> str:
+    return "unlimited" if seconds is None else f"{seconds}s"
+
+
+def _stamp(moment: object) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S}Z"
+
+
+async def _keys_list(store: Store) -> int:
+    keys = await store.list_api_keys()
+    rows = [("ID", "NAME", "CREATED (UTC)", "STATUS", "CREDITS")]
+    for key in keys:
+        status = "active" if key.active else f"revoked {_stamp(key.revoked_at)}"
+        rows.append(
+            (key.id, key.name, _stamp(key.created_at), status, _credits_text(key.credit_seconds))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+async def _keys_revoke(store: Store, ref: str) -> int:
+    key = await store.revoke_api_key((await store.find_api_key(ref)).id)
+    print(
+        f"Revoked API key {key.name!r} (id {key.id}) and its client tokens: "
+        "running sessions go on, new ones are refused."
+    )
+    return 0
+
+
+async def _credits_grant(store: Store, ref: str, seconds: int) -> int:
+    key = await store.find_api_key(ref)
+    left = await store.grant_credits(key.id, seconds)
+    print(f"Granted {seconds}s to API key {key.name!r} (id {key.id}): {left}s left.")
+    return 0
+
+
+async def _credits_show(store: Store, ref: str) -> int:
+    key = await store.find_api_key(ref)
+    print(f"API key {key.name!r} (id {key.id}): credits {_credits_text(key.credit_seconds)}")
+    for day in await store.usage_by_day(key.id):
+        print(f"  {day.day.isoformat()}  {day.model:<20} {day.seconds}s")
+    return 0
+
+
+def _run_account_command(settings: Settings, command: Any) -> int:
+    """Run `command(store)` on an opened store; a key that is not there is exit status 1."""
+
+    async def run() -> int:
+        store = _store_for(settings)
+        try:
+            await store.open()
+            return int(await command(store))
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except (KeyNotFound, AmbiguousKey) as exc:
+        print(f"livemorph: {exc.args[0]}", file=sys.stderr)
+        return 1
+
+
+def _positive_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("seconds must be more than zero")
+    return value
+
+
+def _seconds_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_seconds(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +186,115 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", help="force one engine for all models (env LIVEMORPH_ENGINE)")
     serve.add_argument("--public-host", help="address clients reach this node at")
     serve.add_argument("--log-level", help="debug, info, warning (env LIVEMORPH_LOG_LEVEL)")
+    serve.add_argument(
+        "--admin-key",
+        help="secret that opens /v1/admin/*; prefer env LIVEMORPH_ADMIN_KEY (flags show in ps)",
+    )
+    serve.add_argument(
+        "--no-demo",
+        dest="demo",
+        action="store_false",
+        default=None,
+        help="no demo page at / and no /demo/token, for production (env LIVEMORPH_DEMO=0)",
+    )
+    policy_flags(serve)
+    limit_flags(serve)
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="mint a permanent API key")
     storage_flags(create)
     create.add_argument("--name", default="default", help="a label for the key")
+    create.add_argument(
+        "--credits",
+        type=_seconds_or_zero,
+        help="seconds of generation it may use (default: unlimited)",
+    )
+    listing = key_commands.add_parser("list", help="list keys with their status and credits")
+    storage_flags(listing)
+    revoke = key_commands.add_parser(
+        "revoke", help="refuse new sessions of a key and its tokens; running ones go on"
+    )
+    storage_flags(revoke)
+    revoke.add_argument("key", help="the key's id, or its name if only one key has it")
+
+    credits = commands.add_parser("credits", help="manage a key's credits (seconds of generation)")
+    credit_commands = credits.add_subparsers(dest="credits_command", required=True)
+    grant = credit_commands.add_parser(
+        "grant", help="add seconds to a key's credits (a key never granted any is unlimited)"
+    )
+    storage_flags(grant)
+    grant.add_argument("key", help="the key's id, or its name if only one key has it")
+    grant.add_argument("seconds", type=_positive_seconds, help="seconds of generation to add")
+    show = credit_commands.add_parser("show", help="a key's credits left and usage by day")
+    storage_flags(show)
+    show.add_argument("key", help="the key's id, or its name if only one key has it")
     return parser
+
+
+def policy_flags(p: argparse.ArgumentParser) -> None:
+    """Moderation and prompt enhancement (see the README section of that name)."""
+    group = p.add_argument_group("moderation and prompt enhancement")
+    group.add_argument(
+        "--moderation-blocklist",
+        type=Path,
+        help="a word list added to the embedded prompt policy (env LIVEMORPH_MODERATION_BLOCKLIST)",
+    )
+    group.add_argument(
+        "--moderation-url", help="a moderation webhook to POST to (env LIVEMORPH_MODERATION_URL)"
+    )
+    group.add_argument(
+        "--moderation-timeout",
+        type=float,
+        help="seconds before the webhook counts as down (env LIVEMORPH_MODERATION_TIMEOUT, 2)",
+    )
+    group.add_argument(
+        "--enhancer-url",
+        help="OpenAI-compatible API base that expands prompts (env LIVEMORPH_ENHANCER_URL)",
+    )
+    group.add_argument("--enhancer-model", help="its model name (env LIVEMORPH_ENHANCER_MODEL)")
+    group.add_argument(
+        "--enhancer-api-key", help="its bearer key; prefer env LIVEMORPH_ENHANCER_API_KEY"
+    )
+    group.add_argument(
+        "--enhancer-timeout",
+        type=float,
+        help="seconds before the plain prompt is used (env LIVEMORPH_ENHANCER_TIMEOUT, 3)",
+    )
+
+
+#: What each limit flag means (README, "Limits"); the defaults are Settings'.
+LIMIT_HELP = {
+    "max_sessions": "sessions on this node",
+    "max_sessions_per_key": "sessions of one key at once (its client tokens included)",
+    "new_session_rate": "new sessions a second per key, sustained",
+    "new_session_burst": "new sessions per key in a burst",
+    "token_mint_rate": "client tokens minted a second per key, sustained",
+    "token_mint_burst": "client tokens minted per key in a burst",
+    "message_rate": "messages a second one WebSocket may send; the excess is dropped",
+    "message_burst": "messages one WebSocket may send in a burst",
+    "max_message_bytes": "the largest WebSocket message; a larger one closes with 1009",
+}
+
+
+def limit_flags(p: argparse.ArgumentParser) -> None:
+    """`--max-sessions` and the rest: each also `LIVEMORPH_MAX_SESSIONS` etc.; 0 is off."""
+    group = p.add_argument_group("limits (0 switches one off)")
+    for name, kind in LIMITS.items():
+        flag = "--" + name.replace("_", "-")
+        env = "LIVEMORPH_" + name.upper()
+
+        def parse(text: str, kind: Any = kind, flag: str = flag) -> int | float:
+            try:
+                return limit_value(kind, text, flag)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        default = Settings.__dataclass_fields__[name].default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        group.add_argument(
+            flag, type=parse, metavar="N", help=f"{LIMIT_HELP[name]} (env {env}, {shown})"
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -120,6 +309,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "engine",
             "public_host",
             "log_level",
+            "admin_key",
+            "demo",
+            "moderation_blocklist",
+            "moderation_url",
+            "moderation_timeout",
+            "enhancer_url",
+            "enhancer_model",
+            "enhancer_api_key",
+            "enhancer_timeout",
+            *LIMITS,
         )
         if (value := getattr(args, key, None)) is not None
     }
@@ -132,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _cmd_serve(settings)
     if args.command == "keys" and args.keys_command == "create":
-        return _cmd_keys_create(settings, args.name)
+        return _cmd_keys_create(settings, args.name, args.credits)
+    if args.command == "keys" and args.keys_command == "list":
+        return _run_account_command(settings, _keys_list)
+    if args.command == "keys" and args.keys_command == "revoke":
+        return _run_account_command(settings, lambda store: _keys_revoke(store, args.key))
+    if args.command == "credits" and args.credits_command == "grant":
+        return _run_account_command(
+            settings, lambda store: _credits_grant(store, args.key, args.seconds)
+        )
+    if args.command == "credits" and args.credits_command == "show":
+        return _run_account_command(settings, lambda store: _credits_show(store, args.key))
     return 2
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
+from .protocol import MAX_MESSAGE_BYTES
+
 ENV_PREFIX = "LIVEMORPH_"
 
 
@@ -26,7 +28,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)
-    database_url: str | None = None
+    #: SQLAlchemy URL of the database (`postgresql://...`); default: SQLite in data_dir.
+    database_url: str | None = field(default=None, repr=False)
+    #: The secret that opens /v1/admin/*; without one those routes answer 404.
+    admin_key: str | None = field(default=None, repr=False)
     #: The address clients use to reach this node (sent in `session_id`); default: the
     #: host and port the client itself connected to.
     public_host: str | None = None
@@ -39,6 +44,32 @@ class Settings:
     #: Release received video frames on the RTP marker bit (see media/jitter.py); turning it
     #: off restores aiortc's stock receive path, for comparison in bench/latency.py.
     fast_receive: bool = True
+    #: The demo page at / and its token route (POST /demo/token); turn off for production.
+    demo: bool = True
+    #: A word list added to the embedded prompt policy (format: policy/blocklist.txt).
+    moderation_blocklist: Path | None = None
+    #: A moderation webhook asked after the embedded policy; refuses when it cannot answer.
+    moderation_url: str | None = None
+    moderation_timeout: float = 2.0
+    #: An OpenAI-compatible chat endpoint that expands prompts; default: the engine's own.
+    enhancer_url: str | None = None
+    enhancer_model: str | None = None
+    enhancer_api_key: str | None = field(default=None, repr=False)
+    enhancer_timeout: float = 3.0
+    #: Limits (README, "Limits"): 0 switches one off. Sessions per node, and per key (a
+    #: client token counts for the key that minted it).
+    max_sessions: int = 32
+    max_sessions_per_key: int = 16
+    #: Token buckets per key: new sessions and client tokens a second, and the burst allowed.
+    new_session_rate: float = 5.0
+    new_session_burst: float = 50.0
+    token_mint_rate: float = 10.0
+    token_mint_burst: float = 100.0
+    #: Messages a second one WebSocket may send (and its burst); the excess is dropped.
+    message_rate: float = 50.0
+    message_burst: float = 100.0
+    #: The largest WebSocket message accepted; a larger one closes the socket with 1009.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -48,6 +79,7 @@ class Settings:
         if (data_dir := _env("DATA_DIR")) is not None:
             settings.data_dir = Path(data_dir)
         settings.database_url = _env("DATABASE_URL")
+        settings.admin_key = _env("ADMIN_KEY") or None
         settings.public_host = _env("PUBLIC_HOST")
         if (public_port := _env("PUBLIC_PORT")) is not None:
             settings.public_port = int(public_port)
@@ -57,4 +89,44 @@ class Settings:
         settings.log_level = _env("LOG_LEVEL", settings.log_level) or settings.log_level
         if (fast := _env("FAST_RECEIVE")) is not None:
             settings.fast_receive = fast.strip().lower() not in ("0", "false", "no", "off")
+        if (demo := _env("DEMO")) is not None:
+            settings.demo = demo.strip().lower() not in ("0", "false", "no", "off")
+        if (blocklist := _env("MODERATION_BLOCKLIST")) is not None:
+            settings.moderation_blocklist = Path(blocklist)
+        settings.moderation_url = _env("MODERATION_URL")
+        if (timeout := _env("MODERATION_TIMEOUT")) is not None:
+            settings.moderation_timeout = float(timeout)
+        settings.enhancer_url = _env("ENHANCER_URL")
+        settings.enhancer_model = _env("ENHANCER_MODEL")
+        settings.enhancer_api_key = _env("ENHANCER_API_KEY")
+        if (timeout := _env("ENHANCER_TIMEOUT")) is not None:
+            settings.enhancer_timeout = float(timeout)
+        for name, kind in LIMITS.items():
+            if (value := _env(name.upper())) is not None:
+                setattr(settings, name, limit_value(kind, value, ENV_PREFIX + name.upper()))
         return settings
+
+
+#: The limit settings, each also the flag `--max-sessions` etc. and `LIVEMORPH_MAX_SESSIONS`.
+LIMITS: dict[str, type[int] | type[float]] = {
+    "max_sessions": int,
+    "max_sessions_per_key": int,
+    "new_session_rate": float,
+    "new_session_burst": float,
+    "token_mint_rate": float,
+    "token_mint_burst": float,
+    "message_rate": float,
+    "message_burst": float,
+    "max_message_bytes": int,
+}
+
+
+def limit_value(kind: type[int] | type[float], text: str, name: str) -> int | float:
+    """A limit from its text form: a number, 0 or more."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"{name} must be 0 (off) or more, not {text!r}")
+    return value

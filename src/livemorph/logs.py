@@ -1,7 +1,8 @@
 """Logging setup, and the filter that keeps secrets out of every log line.
 
 Clients put their key in the WebSocket URL (`?api_key=...`), and servers log URLs.
-The filter rewrites any `api_key=`, `token=` or `X-API-KEY` value before it is written.
+The filter rewrites any `api_key=`, `token=`, `X-API-KEY`, `admin_key`/`X-ADMIN-KEY` or
+`Bearer` value, and anything shaped like a livemorph key, before it is written.
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import logging
 import re
 
-_SECRET = re.compile(r"((?:api_key|apiKey|token|x-api-key)[=:]\s*)([^&\s\"',;]+)", re.IGNORECASE)
+_SECRET = re.compile(
+    r"((?:api_key|apiKey|token|x-api-key|admin_key|x-admin-key)[=:]\s*|\bbearer\s+)"
+    r"([^&\s\"',;]+)",
+    re.IGNORECASE,
+)
 _KEY_LIKE = re.compile(r"\b(lm|ek)_[A-Za-z0-9_\-]{20,}")
 
 #: Loggers that write request lines: uvicorn's own, plus livemorph's.

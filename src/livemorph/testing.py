@@ -65,7 +65,8 @@ def start_server(
 ) -> LiveServer:
     """Mint a key, start `livemorph serve` on a free port, return once /healthz answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    output = run_cli("keys", "create", "--data-dir", str(data_dir), "--name", "testing")
+    # Same env as the server, so a LIVEMORPH_DATABASE_URL there puts the key in that database.
+    output = run_cli("keys", "create", "--data-dir", str(data_dir), "--name", "testing", env=env)
     api_key = output.strip().splitlines()[-1]
     port = port or free_port()
     with open(data_dir / "server.log", "a") as log:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from .._version import __version__
 from ..config import Settings
-from . import rest, stream
+from . import admin, rest, stream
 from .state import AppState
 
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.livemorph = state
     app.include_router(rest.router)
+    app.include_router(admin.router)
     app.include_router(stream.router)
     return app
 

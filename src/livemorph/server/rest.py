@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..models import CATALOG
+from .limits import retry_after
 from .state import AppState
 
 router = APIRouter()
@@ -90,6 +91,7 @@ async def list_models(request: Request) -> list[ModelInfo]:
         400: {"model": ErrorResponse},
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "Too many tokens minted; see Retry-After."},
     },
     openapi_extra={
         "requestBody": {
@@ -109,6 +111,13 @@ async def create_client_token(
         return error(401, "invalid api key")
     if principal.is_client_token:
         return error(403, "permission denied: a client token cannot mint tokens")
+    if wait := await state.limits.token_mints.acquire(principal.key_id):
+        seconds = retry_after(wait)
+        response = error(
+            429, f"rate limit: too many tokens minted for this key, retry in {seconds} s"
+        )
+        response.headers["Retry-After"] = str(seconds)
+        return response
     raw = await request.body()
     try:
         body = TokenRequest.model_validate(json.loads(raw) if raw.strip() else {})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..engines import EngineRegistry
+from ..policy import EngineEnhancer, Enhancer, Moderator, PolicyModerator, policy_from_settings
 from ..sessions import SessionRegistry
+from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
+from .limits import Limits
 
 
 @dataclass(slots=True)
@@ -18,6 +21,10 @@ class AppState:
     engines: EngineRegistry
     sessions: SessionRegistry
     executor: ThreadPoolExecutor
+    moderator: Moderator = field(default_factory=PolicyModerator)
+    enhancer: Enhancer = field(default_factory=EngineEnhancer)
+    meter: Meter = field(default_factory=Unmetered)
+    limits: Limits = field(default_factory=lambda: Limits.from_settings(Settings()))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -26,14 +33,19 @@ class AppState:
             if settings.database_url
             else Store.in_data_dir(settings.data_dir)
         )
+        moderator, enhancer = policy_from_settings(settings)
         return cls(
             settings=settings,
             store=store,
             engines=EngineRegistry(settings.engine),
-            sessions=SessionRegistry(),
+            sessions=SessionRegistry(max_sessions=settings.max_sessions or None),
             executor=ThreadPoolExecutor(
                 max_workers=settings.engine_threads, thread_name_prefix="engine"
             ),
+            moderator=moderator,
+            enhancer=enhancer,
+            meter=StoreMeter(store),
+            limits=Limits.from_settings(settings),
         )
 
     async def open(self) -> None:
@@ -43,4 +55,6 @@ class AppState:
         await self.sessions.close_all("server_shutdown")
         self.engines.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.moderator.aclose()
+        await self.enhancer.aclose()
         await self.store.close()

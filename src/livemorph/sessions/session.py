@@ -19,6 +19,7 @@ from ..media.jitter import install_on_peer_connection
 from ..models import ModelSpec
 from ..protocol import parse_candidate
 from ..storage import Principal
+from .metering import INSUFFICIENT_CREDITS_REASON, Meter, Unmetered
 from .pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ class Session:
         send: Send,
         *,
         fast_receive: bool = True,
+        meter: Meter | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
+        self.meter: Meter = meter or Unmetered()
         self.fast_receive = fast_receive
         self.spec = spec
         self.principal = principal
@@ -91,7 +94,17 @@ class Session:
         if self.pc is not None:
             raise ValueError("this session already has a peer connection")
         pc = self.pc = new_peer_connection()
+        try:
+            return await self._negotiate(pc, sdp)
+        except Exception:
+            # A refused offer leaves no trace: the client may send a better one.
+            self.pc = None
+            if self.audio is not None and any(r.track is self.audio for r in pc.getReceivers()):
+                self.audio = None
+            await pc.close()
+            raise
 
+    async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> str:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
@@ -103,6 +116,8 @@ class Session:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
+            if pc is not self.pc:
+                return  # a refused offer's connection, closed
             if pc.connectionState in ("failed", "closed") and not self._closing:
                 logger.info("session %s: peer connection %s", self.id, pc.connectionState)
                 await self.close("peer_connection_" + pc.connectionState, notify=False)
@@ -110,6 +125,8 @@ class Session:
         if self.fast_receive:
             install_on_peer_connection(pc)  # before any RTP packet can reach a receiver
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if not any(t.kind == "video" for t in pc.getTransceivers()):
+            raise ValueError("the offer has no video")
         kinds_sent = {t.kind for t in pc.getTransceivers() if t.sender.track is not None}
         if "video" not in kinds_sent and any(t.kind == "video" for t in pc.getTransceivers()):
             # A recvonly video offer (an avatar) still gets the model's output.
@@ -135,14 +152,19 @@ class Session:
         self._ticker = asyncio.create_task(self._tick(), name=f"ticks-{self.id}")
 
     async def _tick(self) -> None:
-        """Count generated seconds on a drift-free schedule; end at the token's limit."""
+        """Count generated seconds on a drift-free schedule, each one recorded before it is
+        announced; end when the key's credits run out or at the token's limit."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         limit = self.principal.max_session_seconds
         while True:
             await asyncio.sleep(max(0.0, start + self.seconds + 1 - loop.time()))
             self.seconds += 1
+            has_credits = await self.meter.tick(self)
             await self._send({"type": "generation_tick", "seconds": self.seconds})
+            if not has_credits:
+                self._spawn(self.close(INSUFFICIENT_CREDITS_REASON))
+                return
             if limit is not None and self.seconds >= limit:
                 self._spawn(self.close("max_duration"))
                 return
@@ -166,6 +188,7 @@ class Session:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        await self.meter.end(self)  # usage stops being counted now
         if notify:
             await self._send(
                 {"type": "generation_ended", "seconds": self.seconds, "reason": reason}
@@ -194,13 +217,25 @@ class Viewer:
         if self.pc is not None:
             raise ValueError("this viewer already has a peer connection")
         pc = self.pc = new_peer_connection()
+        try:
+            return await self._negotiate(pc, sdp)
+        except Exception:
+            self.pc = None  # a refused offer leaves no trace
+            for track in self._tracks:
+                track.stop()
+            self._tracks.clear()
+            await pc.close()
+            raise
 
+    async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> str:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc is self.pc and pc.connectionState in ("failed", "closed"):
                 await self.close()
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if not pc.getTransceivers():
+            raise ValueError("the offer has no audio or video")
         sources = {"video": self.session.pipeline.track, "audio": self.session.audio}
         offered = {transceiver.kind for transceiver in pc.getTransceivers()}
         for kind, source in sources.items():

@@ -1,5 +1,25 @@
-"""Durable state: API keys and client tokens (and later usage and credits)."""
+"""Durable state: API keys, client tokens, credits and usage (SQLite or PostgreSQL)."""
 
-from .store import ApiKey, ClientToken, Principal, Store
+from .store import (
+    AmbiguousKey,
+    ApiKey,
+    ClientToken,
+    KeyNotFound,
+    Principal,
+    SessionUsage,
+    Store,
+    UsageDay,
+    async_database_url,
+)
 
-__all__ = ["ApiKey", "ClientToken", "Principal", "Store"]
+__all__ = [
+    "AmbiguousKey",
+    "ApiKey",
+    "ClientToken",
+    "KeyNotFound",
+    "Principal",
+    "SessionUsage",
+    "Store",
+    "UsageDay",
+    "async_database_url",
+]

@@ -1,8 +1,24 @@
-"""Tables, as SQLAlchemy Core metadata, so the same code runs on SQLite and PostgreSQL."""
+"""Tables, as SQLAlchemy Core metadata, so the same code runs on SQLite and PostgreSQL.
+
+This is the schema at the newest migration (storage/migrations/versions/); change both
+together. Only portable types: strings, integers, dates, timezone-aware datetimes, JSON.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
 
 metadata = MetaData()
 
@@ -14,6 +30,8 @@ api_keys = Table(
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # Seconds of generation left; NULL means unlimited (no credits were ever granted).
+    Column("credit_seconds", BigInteger, nullable=True),
 )
 
 client_tokens = Table(
@@ -30,3 +48,31 @@ client_tokens = Table(
 )
 
 Index("ix_client_tokens_key_id", client_tokens.c.key_id)
+
+# Seconds of generation per key, UTC day and model: what `GET /v1/usage` reads.
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("model", String(64), primary_key=True),
+    Column("seconds", BigInteger, nullable=False),
+)
+
+# One row per session, so a client token's metadata stays with the usage it caused.
+usage_sessions = Table(
+    "usage_sessions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("token_id", String(32), nullable=True),
+    Column("token_metadata", JSON, nullable=True),
+    Column("model", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("seconds", Integer, nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("end_reason", String(64), nullable=True),
+)
+
+Index("ix_usage_sessions_key_started", usage_sessions.c.key_id, usage_sessions.c.started_at)

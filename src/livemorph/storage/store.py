@@ -1,8 +1,11 @@
-"""Keys and client tokens: minted here, stored only as SHA-256 hashes, checked in constant time.
+"""Keys, client tokens, credits and usage, on SQLAlchemy Core: SQLite or PostgreSQL.
 
 Secrets are 256-bit random strings, so a fast hash is the right tool (no password
 stretching needed); the hash is the lookup key, and the stored hash is compared again
 with `hmac.compare_digest` so no branch depends on how much of a guess was right.
+
+Usage is written every second of generation, in one transaction per tick that also takes
+the second off the key's credits, so a crash loses at most the second under way.
 """
 
 from __future__ import annotations
@@ -11,17 +14,39 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import (
+    Connection,
+    and_,
+    case,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .schema import api_keys, client_tokens, metadata
+from .schema import api_keys, client_tokens, usage_daily, usage_sessions
 
 API_KEY_PREFIX = "lm_"
 CLIENT_TOKEN_PREFIX = "ek_"
+
+#: Drivers the same code runs on; plain URLs are mapped to them.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+psycopg2": "postgresql+asyncpg",
+    "postgresql+psycopg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
+}
 
 
 def hash_secret(secret: str) -> str:
@@ -37,12 +62,42 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _maybe_aware(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _aware(moment)
+
+
+def async_database_url(url: str) -> str:
+    """The async form of a database URL: `postgresql://` runs on asyncpg, `sqlite://` on
+    aiosqlite; libpq's `sslmode` becomes asyncpg's `ssl`."""
+    parsed = make_url(url)
+    parsed = parsed.set(drivername=_ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername))
+    if parsed.drivername == "postgresql+asyncpg" and "sslmode" in parsed.query:
+        query = dict(parsed.query)
+        query["ssl"] = query.pop("sslmode")
+        parsed = parsed.set(query=query)
+    return parsed.render_as_string(hide_password=False)
+
+
+class KeyNotFound(LookupError):
+    """No API key has that id (or name)."""
+
+
+class AmbiguousKey(LookupError):
+    """More than one API key has that name: use the id."""
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str
     name: str
     created_at: datetime
     revoked_at: datetime | None = None
+    #: Seconds of generation left; None means unlimited.
+    credit_seconds: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +132,61 @@ class Principal:
         return float(value) if value else None
 
 
+@dataclass(frozen=True, slots=True)
+class UsageDay:
+    """Seconds of generation one key used on one UTC day with one model."""
+
+    day: date
+    model: str
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUsage:
+    """One session's usage, with the client token (and its metadata) that opened it."""
+
+    id: str
+    key_id: str
+    token_id: str | None
+    token_metadata: dict[str, Any] | None
+    model: str
+    started_at: datetime
+    updated_at: datetime
+    seconds: int
+    ended_at: datetime | None
+    end_reason: str | None
+
+
+def _api_key(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        created_at=_aware(row.created_at),
+        revoked_at=_maybe_aware(row.revoked_at),
+        credit_seconds=row.credit_seconds,
+    )
+
+
+_KEY_COLUMNS = (
+    api_keys.c.id,
+    api_keys.c.name,
+    api_keys.c.created_at,
+    api_keys.c.revoked_at,
+    api_keys.c.credit_seconds,
+)
+
+
 class Store:
-    """The storage layer; `url` is any SQLAlchemy async URL (SQLite by default)."""
+    """The storage layer; `url` is a SQLAlchemy URL (SQLite by default, or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self._engine: AsyncEngine = create_async_engine(url)
-        if url.startswith("sqlite"):
+        self.url = async_database_url(url)
+        self.dialect = make_url(self.url).get_backend_name()
+        options: dict[str, Any] = {}
+        if self.dialect == "postgresql":
+            options["pool_pre_ping"] = True
+        self._engine: AsyncEngine = create_async_engine(self.url, **options)
+        if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
 
     @classmethod
@@ -92,18 +195,33 @@ class Store:
         return cls(f"sqlite+aiosqlite:///{data_dir / 'livemorph.db'}")
 
     async def open(self) -> None:
+        """Connect, and migrate the schema to the newest version."""
+        from . import migrate  # Alembic is loaded only by what opens a store
+
         async with self._engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(migrate.upgrade)
+
+    async def schema_revision(self) -> str | None:
+        from . import migrate
+
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(migrate.current_revision)
 
     async def close(self) -> None:
         await self._engine.dispose()
 
     # -- API keys ---------------------------------------------------------------------
 
-    async def create_api_key(self, name: str) -> tuple[str, ApiKey]:
+    async def create_api_key(
+        self, name: str, credit_seconds: int | None = None
+    ) -> tuple[str, ApiKey]:
         """Mint a permanent key; the plaintext is returned once and never stored."""
+        if credit_seconds is not None and credit_seconds < 0:
+            raise ValueError("credits cannot be negative")
         secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        record = ApiKey(id=secrets.token_hex(8), name=name, created_at=utcnow())
+        record = ApiKey(
+            id=secrets.token_hex(8), name=name, created_at=utcnow(), credit_seconds=credit_seconds
+        )
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(api_keys).values(
@@ -111,6 +229,7 @@ class Store:
                     name=record.name,
                     key_hash=hash_secret(secret),
                     created_at=record.created_at,
+                    credit_seconds=credit_seconds,
                 )
             )
         return secret, record
@@ -118,6 +237,171 @@ class Store:
     async def count_api_keys(self) -> int:
         async with self._engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(api_keys))).scalar())
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(*_KEY_COLUMNS).order_by(api_keys.c.created_at, api_keys.c.id)
+            )
+            return [_api_key(row) for row in rows]
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
+        return None if row is None else _api_key(row)
+
+    async def find_api_key(self, ref: str) -> ApiKey:
+        """The key whose id is `ref`, else the one key named `ref`."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(*_KEY_COLUMNS).where(or_(api_keys.c.id == ref, api_keys.c.name == ref))
+                )
+            ).all()
+        by_id = [row for row in rows if row.id == ref]
+        if by_id:
+            return _api_key(by_id[0])
+        if not rows:
+            raise KeyNotFound(f"no API key with id or name {ref!r}")
+        if len(rows) > 1:
+            ids = ", ".join(sorted(row.id for row in rows))
+            raise AmbiguousKey(f"{len(rows)} API keys are named {ref!r} ({ids}): use the id")
+        return _api_key(rows[0])
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Revoke a key (and so every client token minted from it) for new sessions.
+
+        Sessions already running go on. Revoking twice keeps the first time."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(api_keys)
+                .where(and_(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)))
+                .values(revoked_at=utcnow())
+            )
+            row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
+        if row is None:
+            raise KeyNotFound(f"no API key with id {key_id!r}")
+        return _api_key(row)
+
+    # -- credits ----------------------------------------------------------------------
+
+    async def grant_credits(self, key_id: str, seconds: int) -> int:
+        """Add `seconds` of generation to a key's credits; the new balance.
+
+        A key that never had credits is unlimited; its first grant makes it metered."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
+            raise ValueError("credits are granted in whole seconds, more than zero")
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .values(credit_seconds=func.coalesce(api_keys.c.credit_seconds, 0) + seconds)
+            )
+            if result.rowcount == 0:
+                raise KeyNotFound(f"no API key with id {key_id!r}")
+            return int(await _credits(conn, key_id) or 0)
+
+    async def credits_left(self, key_id: str) -> int | None:
+        """Seconds of generation the key has left; None when unlimited."""
+        async with self._engine.connect() as conn:
+            return await _credits(conn, key_id)
+
+    # -- usage ------------------------------------------------------------------------
+
+    async def start_session_usage(
+        self, session_id: str, principal: Principal, model: str, at: datetime | None = None
+    ) -> None:
+        """The usage row of a new session, with the client token that opened it, if any."""
+        now = at or utcnow()
+        token = principal.token
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(usage_sessions).values(
+                    id=session_id,
+                    key_id=principal.key_id,
+                    token_id=token.id if token else None,
+                    token_metadata=token.metadata if token else None,
+                    model=model,
+                    started_at=now,
+                    updated_at=now,
+                    seconds=0,
+                )
+            )
+
+    async def record_usage(
+        self, session_id: str, key_id: str, model: str, seconds: int = 1, at: datetime | None = None
+    ) -> int | None:
+        """Count `seconds` of generation, durably, and take them off the key's credits.
+
+        Returns the credits left (None: unlimited). Credits never go below zero: sessions
+        of one key that tick in the same instant may together overdraw by a second each.
+        """
+        if seconds <= 0:
+            return await self.credits_left(key_id)
+        now = at or utcnow()
+        async with self._engine.begin() as conn:
+            await conn.run_sync(_add_daily, key_id, now.date(), model, seconds)
+            await conn.execute(
+                update(usage_sessions)
+                .where(usage_sessions.c.id == session_id)
+                .values(seconds=usage_sessions.c.seconds + seconds, updated_at=now)
+            )
+            await conn.execute(
+                update(api_keys)
+                .where(and_(api_keys.c.id == key_id, api_keys.c.credit_seconds.is_not(None)))
+                .values(
+                    credit_seconds=case(
+                        (api_keys.c.credit_seconds > seconds, api_keys.c.credit_seconds - seconds),
+                        else_=0,
+                    )
+                )
+            )
+            return await _credits(conn, key_id)
+
+    async def end_session_usage(
+        self, session_id: str, reason: str, at: datetime | None = None
+    ) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(usage_sessions)
+                .where(and_(usage_sessions.c.id == session_id, usage_sessions.c.ended_at.is_(None)))
+                .values(ended_at=at or utcnow(), end_reason=reason[:64])
+            )
+
+    async def usage_by_day(self, key_id: str, since: date | None = None) -> list[UsageDay]:
+        query = select(usage_daily.c.day, usage_daily.c.model, usage_daily.c.seconds).where(
+            usage_daily.c.key_id == key_id
+        )
+        if since is not None:
+            query = query.where(usage_daily.c.day >= since)
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(query.order_by(usage_daily.c.day, usage_daily.c.model))
+            return [UsageDay(row.day, row.model, int(row.seconds)) for row in rows]
+
+    async def session_usage(self, key_id: str, limit: int = 100) -> list[SessionUsage]:
+        """The key's most recent sessions, newest first."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(usage_sessions)
+                .where(usage_sessions.c.key_id == key_id)
+                .order_by(usage_sessions.c.started_at.desc(), usage_sessions.c.id)
+                .limit(limit)
+            )
+            return [
+                SessionUsage(
+                    id=row.id,
+                    key_id=row.key_id,
+                    token_id=row.token_id,
+                    token_metadata=row.token_metadata,
+                    model=row.model,
+                    started_at=_aware(row.started_at),
+                    updated_at=_aware(row.updated_at),
+                    seconds=int(row.seconds),
+                    ended_at=_maybe_aware(row.ended_at),
+                    end_reason=row.end_reason,
+                )
+                for row in rows
+            ]
 
     # -- client tokens ----------------------------------------------------------------
 
@@ -157,7 +441,7 @@ class Store:
     # -- authentication ---------------------------------------------------------------
 
     async def authenticate(self, secret: str | None) -> Principal | None:
-        """The principal for a key or an unexpired client token, else None."""
+        """The principal for an active key or an unexpired client token of one, else None."""
         if not secret or len(secret) > 256:
             return None
         digest = hash_secret(secret)
@@ -193,9 +477,41 @@ class Store:
             return Principal(key_id=row.id)
 
 
+async def _credits(conn: AsyncConnection, key_id: str) -> int | None:
+    value = (
+        await conn.execute(select(api_keys.c.credit_seconds).where(api_keys.c.id == key_id))
+    ).scalar()
+    return None if value is None else int(value)
+
+
+def _add_daily(conn: Connection, key_id: str, day: date, model: str, seconds: int) -> None:
+    """usage_daily[key, day, model] += seconds, as one atomic upsert where the dialect has one."""
+    values = {"key_id": key_id, "day": day, "model": model, "seconds": seconds}
+    dialects = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    upsert = dialects.get(conn.dialect.name)
+    if upsert is not None:
+        statement = upsert(usage_daily).values(**values)
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[usage_daily.c.key_id, usage_daily.c.day, usage_daily.c.model],
+                set_={"seconds": usage_daily.c.seconds + statement.excluded.seconds},
+            )
+        )
+        return
+    where = and_(
+        usage_daily.c.key_id == key_id, usage_daily.c.day == day, usage_daily.c.model == model
+    )
+    result = conn.execute(
+        update(usage_daily).where(where).values(seconds=usage_daily.c.seconds + seconds)
+    )
+    if result.rowcount == 0:
+        conn.execute(insert(usage_daily).values(**values))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: every committed tick survives a power cut too, at one fsync per commit.
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
