@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from .._version import __version__
 from ..config import Settings
-from . import admin, rest, stream
+from . import admin, rest, stream, web
 from .state import AppState
 
 
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rest.router)
     app.include_router(admin.router)
     app.include_router(stream.router)
+    web.install(app, state)
     return app
 
 

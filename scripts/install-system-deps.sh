@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# System packages the tests need, all from Debian: Chromium (and a font) for the browser tests,
+# PostgreSQL for the storage tests (they start their own throwaway server from its binaries).
+# Safe to run again: apt-get install leaves what is already there.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update
+$SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
+    postgresql
