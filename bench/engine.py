@@ -38,7 +38,6 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ import onnxruntime as ort
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
 
+from cpu import machine_busy_seconds, process_cpu_seconds
 from latency import (
     ConnectFn,
     Link,
@@ -454,18 +454,6 @@ def part_match(args: argparse.Namespace) -> None:
 # -- end to end ------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds spent by everything on the machine (all cores), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def through_server(server: LiveServer, model: str, prompt: str) -> ConnectFn:
     """Camera -> server (neural engine, `prompt`) -> back, like latency.through_server."""
 
@@ -494,9 +482,9 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
             samples.append(
                 (
                     time.monotonic(),
-                    _cpu_seconds(server.process.pid),
-                    _cpu_seconds(os.getpid()),
-                    _machine_busy_seconds(),
+                    process_cpu_seconds(server.process.pid),
+                    process_cpu_seconds(os.getpid()),
+                    machine_busy_seconds(),
                 )
             )
             await asyncio.sleep(0.25)
