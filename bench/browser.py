@@ -8,8 +8,10 @@ photo at the model's size and rate) and the bench reports, from the page's own c
 - time to first transformed frame: from navigation start to the first frame the output
   <video> presents (the page fetches a client token, opens the camera, connects, and the
   engine loads its look), and the moment the page reached `generating`;
-- delivered fps: frames the output <video> presented (requestVideoFrameCallback) over
-  `--seconds`, beside the frames the camera <video> presented;
+- delivered fps: the transformed video as Chromium receives it over `--seconds` (its RTP
+  stats: frames decoded and dropped, size, mean jitter-buffer delay), the frames the output
+  <video> presented (requestVideoFrameCallback; headless Chromium paints fewer than it
+  decodes), and what Chromium's encoder sent of the camera (size, fps, and what held it back);
 - CPU: the server process, and everything else on the machine (the browser, mostly), in %
   of one core.
 Needs `scripts/install-system-deps.sh` (Chromium) and the test extras (Playwright).
@@ -52,20 +54,22 @@ COUNT_FRAMES = """
 }
 """
 
-#: What Chromium sends: its encoder adapts size to CPU and bandwidth (the SDK's internals).
-SENT = """
+#: The video RTP stats of the demo's peer connection (reached through the SDK's internals):
+#: what Chromium sends (its encoder adapts size to CPU and bandwidth) and what it receives.
+RTP_STATS = """
 async () => {
   const pc = window.livemorphDemo.session?._signaling?.pc;
-  if (!pc) return null;
+  const found = { now: performance.now(), frames: { ...window.benchFrames } };
+  if (!pc) return found;
   for (const report of (await pc.getStats()).values()) {
-    if (report.type === "outbound-rtp" && report.kind === "video") {
-      return { width: report.frameWidth, height: report.frameHeight,
-               limit: report.qualityLimitationReason };
-    }
+    if (report.kind !== "video") continue;
+    if (report.type === "outbound-rtp") found.sent = report;
+    if (report.type === "inbound-rtp") found.received = report;
   }
-  return null;
+  return found;
 }
 """
+
 
 #: Set when the page first shows `generating` (time since navigation start, ms).
 WATCH_STATE = """
@@ -103,22 +107,34 @@ def run_once(browser: Any, base_url: str, args: argparse.Namespace) -> dict[str,
             page.click("#prompt-form button[type=submit]")
         time.sleep(1.0)  # the prompt's first frames and the bitrate ramp, as a person sees it
 
-        before = page.evaluate("() => ({...window.benchFrames, now: performance.now()})")
+        before = page.evaluate(RTP_STATS)
         cpu_before = (process_cpu_seconds(args.server_pid), machine_busy_seconds())
         time.sleep(args.seconds)
-        after = page.evaluate("() => ({...window.benchFrames, now: performance.now()})")
+        after = page.evaluate(RTP_STATS)
         server_cpu = process_cpu_seconds(args.server_pid) - cpu_before[0]
         machine_cpu = machine_busy_seconds() - cpu_before[1]
         elapsed = (after["now"] - before["now"]) / 1000
-        sent = page.evaluate(SENT) or {}
+
+        def rate(count: int, was: int) -> float:
+            return (count - was) / elapsed
+
+        got, had, sent = after["received"], before["received"], after["sent"]
+        jitter_delay = got["jitterBufferDelay"] - had["jitterBufferDelay"]
+        emitted = got["jitterBufferEmittedCount"] - had["jitterBufferEmittedCount"]
         return {
             "first_frame_s": first_frame / 1000,
             "generating_s": (generating or float("nan")) / 1000,
-            "output_fps": (after["output"] - before["output"]) / elapsed,
-            "camera_fps": (after["camera"] - before["camera"]) / elapsed,
+            "decoded_fps": rate(got["framesDecoded"], had["framesDecoded"]),
+            "dropped": got.get("framesDropped", 0) - had.get("framesDropped", 0),
+            "size": f"{got.get('frameWidth')}x{got.get('frameHeight')}",
+            "jitter_ms": 1000 * jitter_delay / max(1, emitted),
+            "presented_fps": rate(after["frames"]["output"], before["frames"]["output"]),
+            "camera_fps": rate(after["frames"]["camera"], before["frames"]["camera"]),
+            "sent": f"{sent.get('frameWidth')}x{sent.get('frameHeight')} at "
+            f"{rate(sent['framesSent'], before['sent']['framesSent']):.1f} fps "
+            f"(held back by: {sent.get('qualityLimitationReason')})",
             "server_cpu": 100 * server_cpu / elapsed,
             "other_cpu": 100 * (machine_cpu - server_cpu) / elapsed,
-            "sent": f"{sent.get('width')}x{sent.get('height')} (limited by {sent.get('limit')})",
         }
     finally:
         context.close()
@@ -148,17 +164,21 @@ def main() -> None:
                 results.append(result)
                 print(
                     f"  run {run}: first transformed frame {result['first_frame_s']:.2f} s after "
-                    f"navigation (generating at {result['generating_s']:.2f} s); output "
-                    f"{result['output_fps']:.1f} fps (camera {result['camera_fps']:.1f}); CPU "
-                    f"server {result['server_cpu']:.0f}%, browser and the rest "
-                    f"{result['other_cpu']:.0f}%; the camera sent {result['sent']}"
+                    f"navigation (generating at {result['generating_s']:.2f} s)\n"
+                    f"    received {result['size']} at {result['decoded_fps']:.1f} fps decoded, "
+                    f"{result['dropped']} dropped, jitter buffer {result['jitter_ms']:.0f} ms; "
+                    f"presented {result['presented_fps']:.1f} fps (headless Chromium paints "
+                    f"fewer than it decodes)\n"
+                    f"    sent {result['sent']}; camera {result['camera_fps']:.1f} fps\n"
+                    f"    CPU, % of one core: server {result['server_cpu']:.0f}, browser and the "
+                    f"rest {result['other_cpu']:.0f}"
                 )
             if len(results) > 1:
-                keys = ("first_frame_s", "output_fps")
+                keys = ("first_frame_s", "decoded_fps")
                 median = {k: statistics.median(r[k] for r in results) for k in keys}
                 print(
                     f"  median of {len(results)}: first frame {median['first_frame_s']:.2f} s, "
-                    f"output {median['output_fps']:.1f} fps"
+                    f"received {median['decoded_fps']:.1f} fps"
                 )
 
 
