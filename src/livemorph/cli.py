@@ -56,6 +56,8 @@ def _cmd_serve(settings: Settings) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.log_level.lower() != "debug":  # storage.migrate logs what a migration did
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     first_key = asyncio.run(_ensure_first_key(settings))
     if first_key is not None:
         # Printed, never logged: this is the only time the plaintext exists anywhere.
