@@ -1003,3 +1003,41 @@ async def test_an_engine_that_fails_on_controls_refuses_them_in_the_ack() -> Non
     assert failed == "the engine could not apply this input"
     with pytest.raises(SessionClosedError):
         await _apply(Failing(SessionClosedError("closed")), Controls())  # type: ignore[arg-type]
+
+
+async def test_a_session_that_ends_under_a_pending_input_closes_quietly() -> None:
+    """A prompt waiting on the engine when credits ran out (or max_duration, or shutdown)
+    used to surface as "message loop failed" and a 1011 close, hiding the real reason."""
+    from types import SimpleNamespace
+
+    from livemorph.engines.base import Controls
+    from livemorph.policy import EngineEnhancer, PolicyModerator
+    from livemorph.server.stream import _publisher_loop
+    from livemorph.sessions.pipeline import SessionClosedError
+
+    class Ending:
+        controls = Controls()
+
+        async def apply(self, controls: Controls) -> None:
+            raise SessionClosedError("the session ended")
+
+    class Recording:
+        state = SimpleNamespace(moderator=PolicyModerator(), enhancer=EngineEnhancer())
+        ws = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(livemorph=state)))
+
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+
+        async def messages(self) -> Any:
+            yield {"type": "prompt", "prompt": "anime"}
+            yield {"type": "prompt", "prompt": "never read: the loop has ended"}
+
+        async def send(self, message: dict[str, Any]) -> None:
+            self.sent.append(message)
+
+        async def error(self, text: str) -> None:
+            self.sent.append({"type": "error", "error": text})
+
+    channel = Recording()
+    await _publisher_loop(channel, Ending())  # type: ignore[arg-type]
+    assert channel.sent == [], "no ack and no error: `stream` tells the client why it ended"

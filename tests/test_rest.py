@@ -69,6 +69,7 @@ def test_token_with_every_option(http, server) -> None:
         b'{"allowedModels": [' + b",".join([b'"mirage"'] * 21) + b"]}",
         b'{"constraints": {"realtime": {"maxSessionDuration": -5}}}',
         b'{"metadata": "not an object"}',
+        b"[" * 100_000,  # json.loads raised RecursionError: a 500
     ],
 )
 def test_malformed_token_requests_are_400(http, server, body: bytes) -> None:

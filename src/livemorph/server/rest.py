@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..models import CATALOG
+from ..storage import ClientToken
 from .limits import retry_after
 from .state import AppState
 
@@ -61,8 +62,18 @@ def _state(request: Request) -> AppState:
     return request.app.state.livemorph
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def token_body(secret: str, token: ClientToken, models: list[str] | None) -> dict[str, Any]:
+    """The JSON answer for a newly minted client token; `models`: its permitted models."""
+    return TokenResponse(
+        apiKey=secret,
+        expiresAt=token.expires_at.isoformat().replace("+00:00", "Z"),
+        permissions=None if models is None else {"models": models},
+        constraints=token.constraints,
+    ).model_dump(exclude_none=True)
 
 
 @router.get("/healthz", tags=["service"])
@@ -113,15 +124,12 @@ async def create_client_token(
         return error(403, "permission denied: a client token cannot mint tokens")
     if wait := await state.limits.token_mints.acquire(principal.key_id):
         seconds = retry_after(wait)
-        response = error(
-            429, f"rate limit: too many tokens minted for this key, retry in {seconds} s"
-        )
-        response.headers["Retry-After"] = str(seconds)
-        return response
+        message = f"rate limit: too many tokens minted for this key, retry in {seconds} s"
+        return error(429, message, {"Retry-After": str(seconds)})
     raw = await request.body()
     try:
         body = TokenRequest.model_validate(json.loads(raw) if raw.strip() else {})
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
         return error(400, f"invalid request body: {_describe(exc)}")
     unknown = [m for m in body.allowedModels or [] if m not in CATALOG]
     if unknown:
@@ -134,12 +142,7 @@ async def create_client_token(
         constraints=constraints or None,
         metadata=body.metadata,
     )
-    return TokenResponse(
-        apiKey=secret,
-        expiresAt=token.expires_at.isoformat().replace("+00:00", "Z"),
-        permissions={"models": body.allowedModels} if body.allowedModels else None,
-        constraints=constraints or None,
-    ).model_dump(exclude_none=True)
+    return token_body(secret, token, body.allowedModels or None)
 
 
 def _describe(exc: Exception) -> str:
@@ -147,6 +150,6 @@ def _describe(exc: Exception) -> str:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return f"{where}: {first['msg']}"
-    if isinstance(exc, json.JSONDecodeError):
+    if isinstance(exc, json.JSONDecodeError | RecursionError):  # also nested too deep
         return "not valid JSON"
     return str(exc)

@@ -12,9 +12,10 @@ import binascii
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_PROMPT_CHARS = 2000
+IMAGE_TOO_LARGE = f"image too large: the limit is {MAX_IMAGE_BYTES // 2**20} MB"
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
 
@@ -75,7 +77,7 @@ class Channel:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.close(code)
 
-    async def messages(self):  # type: ignore[no-untyped-def]
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """Incoming JSON objects; malformed ones are answered here and skipped."""
         while True:
             event = await self.ws.receive()
@@ -210,6 +212,8 @@ async def _publisher_loop(channel: Channel, session: Session) -> None:
                 raise ClientError(f"unknown message type {kind!r}")
         except ClientError as exc:
             await channel.error(str(exc))
+        except SessionClosedError:
+            return  # it ended while an input waited: not a bug, and `stream` tells why
 
 
 async def _handle_prompt(channel: Channel, session: Session, message: dict[str, Any]) -> None:
@@ -232,15 +236,16 @@ async def _handle_prompt(channel: Channel, session: Session, message: dict[str, 
 
 
 async def _handle_set_image(channel: Channel, session: Session, message: dict[str, Any]) -> None:
+    ack: dict[str, Any] = {"type": "set_image_ack"}
     try:
         controls, expansion = await _image_controls(_state(channel.ws), session.controls, message)
     except ClientError as exc:
-        await channel.send({"type": "set_image_ack", "success": False, "error": str(exc)})
+        await channel.send({**ack, "success": False, "error": str(exc)})
         return
     if failed := await _apply(session, controls):
-        await channel.send({"type": "set_image_ack", "success": False, "error": failed})
+        await channel.send({**ack, "success": False, "error": failed})
         return
-    await channel.send({"type": "set_image_ack", "success": True, **_enhanced(session, expansion)})
+    await channel.send({**ack, "success": True, **_enhanced(session, expansion)})
 
 
 async def _apply(session: Session, controls: Controls) -> str | None:
@@ -308,17 +313,17 @@ async def _image_controls(
 def _image_bytes(data: str) -> bytes:
     """The image file in `image_data`; its size checked before and after decoding base64."""
     if len(data) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
-        raise ClientError("image too large: the limit is 10 MB")
+        raise ClientError(IMAGE_TOO_LARGE)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ClientError("image_data is not valid base64") from None
     if len(raw) > MAX_IMAGE_BYTES:
-        raise ClientError("image too large: the limit is 10 MB")
+        raise ClientError(IMAGE_TOO_LARGE)
     return raw
 
 
-def _decode_image(raw: bytes) -> Any:
+def _decode_image(raw: bytes) -> np.ndarray:
     try:
         return image_to_rgb(raw)
     except ValueError as exc:
@@ -361,7 +366,7 @@ def _require_str(message: dict[str, Any], key: str) -> str:
     return value
 
 
-async def _answer(accept: Any, sdp: str) -> str:
+async def _answer(accept: Callable[[str], Awaitable[str]], sdp: str) -> str:
     try:
         return await accept(sdp)
     except ValueError as exc:
@@ -371,7 +376,9 @@ async def _answer(accept: Any, sdp: str) -> str:
         raise ClientError("invalid offer: the SDP could not be applied") from None
 
 
-async def _add_candidate(add: Any, message: dict[str, Any]) -> None:
+async def _add_candidate(
+    add: Callable[[dict[str, Any]], Awaitable[None]], message: dict[str, Any]
+) -> None:
     payload = message.get("candidate")
     if payload is not None and not isinstance(payload, dict):
         raise ClientError("ice-candidate needs a candidate object or null")

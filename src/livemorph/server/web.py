@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 from ..models import CATALOG
 from ..storage import Store
 from .limits import MemoryRateLimiter, retry_after
-from .rest import ErrorResponse, TokenResponse, error
+from .rest import ErrorResponse, TokenResponse, error, token_body
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,10 @@ async def demo_token(request: Request) -> Any:
     state: AppState = request.app.state.livemorph
     demo: Demo = request.app.state.demo
     client = request.client.host if request.client else "unknown"
-    wait = await demo.limiter.acquire(client)
-    if wait:
-        response = error(429, f"too many demo tokens: try again in {retry_after(wait)} s")
-        response.headers["Retry-After"] = str(retry_after(wait))
-        return response
+    if wait := await demo.limiter.acquire(client):
+        seconds = retry_after(wait)
+        message = f"too many demo tokens: try again in {seconds} s"
+        return error(429, message, {"Retry-After": str(seconds)})
     key_id = await demo.key.key_id(state.store)
     if key_id is None:
         return error(403, f"permission denied: the {DEMO_KEY_NAME!r} API key is revoked")
@@ -147,11 +146,4 @@ async def demo_token(request: Request) -> Any:
         allowed_models=served,
         metadata={"source": "demo"},
     )
-    return JSONResponse(
-        TokenResponse(
-            apiKey=secret,
-            expiresAt=token.expires_at.isoformat().replace("+00:00", "Z"),
-            permissions={"models": served},
-        ).model_dump(exclude_none=True),
-        headers={"Cache-Control": "no-store"},
-    )
+    return JSONResponse(token_body(secret, token, served), headers={"Cache-Control": "no-store"})
