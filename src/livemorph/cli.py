@@ -6,45 +6,40 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from .config import LIMITS, Settings, limit_value
 from .logs import install_redaction
-from .storage import AmbiguousKey, ApiKey, KeyNotFound, Store
+from .storage import AmbiguousKey, KeyNotFound, Store
 
 DEV_KEY_NAME = "development"
 
 
-def _store_for(settings: Settings) -> Store:
+@asynccontextmanager
+async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+    """A store for one command, migrated on open and closed after."""
     if settings.database_url:
-        return Store(settings.database_url)
-    return Store.in_data_dir(settings.data_dir)
-
-
-async def _create_key(
-    settings: Settings, name: str, credits: int | None = None
-) -> tuple[str, ApiKey]:
-    store = _store_for(settings)
+        store = Store(settings.database_url)
+    else:
+        store = Store.in_data_dir(settings.data_dir)
     try:
         await store.open()
-        return await store.create_api_key(name, credits)
+        yield store
     finally:
         await store.close()
 
 
 async def _ensure_first_key(settings: Settings) -> str | None:
     """On first start (no keys at all), mint a development key; its plaintext, once."""
-    store = _store_for(settings)
-    try:
-        await store.open()
+    async with _opened_store(settings) as store:
         if await store.count_api_keys():
             return None
         secret, _ = await store.create_api_key(DEV_KEY_NAME)
         return secret
-    finally:
-        await store.close()
 
 
 def _cmd_serve(settings: Settings) -> int:
@@ -81,25 +76,25 @@ def _cmd_serve(settings: Settings) -> int:
     return 0
 
 
-def _cmd_keys_create(settings: Settings, name: str, credits: int | None = None) -> int:
-    secret, key = asyncio.run(_create_key(settings, name, credits))
-    print(
-        f"Created API key {name!r} (id {key.id}, credits {_credits_text(key.credit_seconds)}; "
-        "stored hashed: copy it now, it is not shown again):"
-    )
-    print(secret)
-    return 0
-
-
-# -- keys list|revoke, credits grant|show: one short-lived store per command -------------
+# -- keys create|list|revoke, credits grant|show: one short-lived store per command ------
 
 
 def _credits_text(seconds: int | None) -> str:
     return "unlimited" if seconds is None else f"{seconds}s"
 
 
-def _stamp(moment: object) -> str:
+def _stamp(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S}Z"
+
+
+async def _keys_create(store: Store, name: str, credits: int | None) -> int:
+    secret, key = await store.create_api_key(name, credits)
+    print(
+        f"Created API key {name!r} (id {key.id}, credits {_credits_text(key.credit_seconds)}; "
+        "stored hashed: copy it now, it is not shown again):"
+    )
+    print(secret)
+    return 0
 
 
 async def _keys_list(store: Store) -> int:
@@ -141,16 +136,12 @@ async def _credits_show(store: Store, ref: str) -> int:
     return 0
 
 
-def _run_account_command(settings: Settings, command: Any) -> int:
+def _run_account_command(settings: Settings, command: Callable[[Store], Awaitable[int]]) -> int:
     """Run `command(store)` on an opened store; a key that is not there is exit status 1."""
 
     async def run() -> int:
-        store = _store_for(settings)
-        try:
-            await store.open()
-            return int(await command(store))
-        finally:
-            await store.close()
+        async with _opened_store(settings) as store:
+            return await command(store)
 
     try:
         return asyncio.run(run())
@@ -286,7 +277,7 @@ def limit_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         env = "LIVEMORPH_" + name.upper()
 
-        def parse(text: str, kind: Any = kind, flag: str = flag) -> int | float:
+        def parse(text: str, kind: type[int] | type[float] = kind, flag: str = flag) -> int | float:
             try:
                 return limit_value(kind, text, flag)
             except ValueError as exc:
@@ -333,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _cmd_serve(settings)
     if args.command == "keys" and args.keys_command == "create":
-        return _cmd_keys_create(settings, args.name, args.credits)
+        return _run_account_command(
+            settings, lambda store: _keys_create(store, args.name, args.credits)
+        )
     if args.command == "keys" and args.keys_command == "list":
         return _run_account_command(settings, _keys_list)
     if args.command == "keys" and args.keys_command == "revoke":

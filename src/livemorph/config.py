@@ -17,8 +17,14 @@ def default_data_dir() -> Path:
     return Path(user_data_dir("livemorph", appauthor=False))
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
+def _env(name: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + name)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """Unset keeps `default`; 0, false, no or off turn it off, anything else on."""
+    value = _env(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass(slots=True)
@@ -74,8 +80,8 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         settings = cls()
-        settings.host = _env("HOST", settings.host) or settings.host
-        settings.port = int(_env("PORT", str(settings.port)) or settings.port)
+        settings.host = _env("HOST") or settings.host
+        settings.port = int(_env("PORT") or settings.port)
         if (data_dir := _env("DATA_DIR")) is not None:
             settings.data_dir = Path(data_dir)
         settings.database_url = _env("DATABASE_URL")
@@ -86,11 +92,9 @@ class Settings:
         settings.engine = _env("ENGINE")
         if (threads := _env("ENGINE_THREADS")) is not None:
             settings.engine_threads = max(1, int(threads))
-        settings.log_level = _env("LOG_LEVEL", settings.log_level) or settings.log_level
-        if (fast := _env("FAST_RECEIVE")) is not None:
-            settings.fast_receive = fast.strip().lower() not in ("0", "false", "no", "off")
-        if (demo := _env("DEMO")) is not None:
-            settings.demo = demo.strip().lower() not in ("0", "false", "no", "off")
+        settings.log_level = _env("LOG_LEVEL") or settings.log_level
+        settings.fast_receive = _env_flag("FAST_RECEIVE", settings.fast_receive)
+        settings.demo = _env_flag("DEMO", settings.demo)
         if (blocklist := _env("MODERATION_BLOCKLIST")) is not None:
             settings.moderation_blocklist = Path(blocklist)
         settings.moderation_url = _env("MODERATION_URL")

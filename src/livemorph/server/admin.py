@@ -8,19 +8,18 @@ without it has no admin surface to probe. The key comes in `X-ADMIN-KEY` or as
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..storage import ApiKey, KeyNotFound, SessionUsage, UsageDay
-from .rest import ErrorResponse, _describe, error
-from .state import AppState
+from ..storage.store import hash_secret
+from .rest import ErrorResponse, _describe, _state, error
 
 router = APIRouter()
 
@@ -92,10 +91,6 @@ class KeyUsageReport(UsageReport):
     sessions: list[SessionUsageInfo] = Field(description="The most recent sessions first.")
 
 
-def _state(request: Request) -> AppState:
-    return request.app.state.livemorph
-
-
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
@@ -144,7 +139,11 @@ def _first_day(since: str | None) -> date | None:
     return None if since is None else date.fromisoformat(since)
 
 
-async def _body(request: Request, model: type[BaseModel]) -> BaseModel:
+RequestBody = TypeVar("RequestBody", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[RequestBody]) -> RequestBody:
+    """An empty body is `{}`, so a model whose fields all have defaults needs none."""
     raw = await request.body()
     return model.model_validate(json.loads(raw) if raw.strip() else {})
 
@@ -167,17 +166,15 @@ async def admin_credential(
 AdminCredential = Annotated[str | None, Depends(admin_credential)]
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
 def _refused(request: Request, credential: str | None) -> JSONResponse | None:
     """None when `credential` is the admin key; else the response to send."""
     configured = _state(request).settings.admin_key
     if not configured:
         return error(404, "not found: this server has no admin key (--admin-key)")
     # Hashing first gives equal lengths, so the comparison's time says nothing either.
-    if credential is None or not hmac.compare_digest(_digest(credential), _digest(configured)):
+    if credential is None or not hmac.compare_digest(
+        hash_secret(credential), hash_secret(configured)
+    ):
         return error(401, "invalid admin key")
     return None
 
@@ -206,7 +203,6 @@ async def create_key(request: Request, credential: AdminCredential) -> Any:
         body = await _body(request, CreateKeyRequest)
     except (ValueError, ValidationError) as exc:
         return error(400, f"invalid request body: {_describe(exc)}")
-    assert isinstance(body, CreateKeyRequest)
     secret, key = await _state(request).store.create_api_key(body.name, body.credits)
     return JSONResponse({**_key_info(key), "apiKey": secret}, status_code=201)
 
@@ -264,7 +260,6 @@ async def grant_credits(request: Request, key_id: str, credential: AdminCredenti
         body = await _body(request, GrantRequest)
     except (ValueError, ValidationError) as exc:
         return error(400, f"invalid request body: {_describe(exc)}")
-    assert isinstance(body, GrantRequest)
     try:
         left = await _state(request).store.grant_credits(key_id, body.seconds)
     except KeyNotFound as exc:
