@@ -33,7 +33,7 @@ const ui = {
   usage: $("usage"),
 };
 
-let catalog = new Map();
+let catalog = new Map(); // name -> the server's entry, which the SDK takes as a model
 let camera = null;
 let session = null;
 let image = null; // the reference image File, kept for restarts
@@ -47,21 +47,12 @@ async function loadModels() {
   const response = await fetch("/v1/models");
   if (!response.ok) throw new Error(`cannot list models: HTTP ${response.status}`);
   const usable = (await response.json()).filter((m) => m.available && m.name !== "live_avatar");
-  catalog = new Map(
-    usable.map((m) => [
-      m.name,
-      { name: m.name, urlPath: "/v1/stream", fps: m.fps, width: m.width, height: m.height },
-    ]),
-  );
+  catalog = new Map(usable.map((m) => [m.name, m]));
   ui.model.replaceChildren(
     ...usable.map((m) => new Option(`${m.name} · ${m.width}×${m.height} @ ${m.fps} fps`, m.name)),
   );
   const wanted = new URLSearchParams(location.search).get("model");
-  ui.model.value = catalog.has(wanted)
-    ? wanted
-    : catalog.has("mirage")
-      ? "mirage"
-      : (usable[0]?.name ?? "");
+  ui.model.value = [wanted, "mirage"].find((name) => catalog.has(name)) ?? usable[0]?.name ?? "";
   if (!catalog.size) throw new Error("this server serves no camera model");
 }
 

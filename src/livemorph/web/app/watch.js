@@ -6,6 +6,12 @@ const output = document.getElementById("output");
 const size = document.getElementById("output-size");
 let viewer = null;
 
+/** A viewer's "invalid session" means the shared session is over: say so in plain words. */
+function showViewerError(error) {
+  const ended = /invalid session/i.test(error.message);
+  showError(ended ? new Error("The shared session has ended.") : error);
+}
+
 output.addEventListener("resize", () => {
   size.textContent = `${output.videoWidth}×${output.videoHeight}`;
 });
@@ -23,10 +29,7 @@ async function watch() {
     },
   });
   viewer.on("connectionChange", showState);
-  viewer.on("error", (error) => {
-    const ended = /invalid session/i.test(error.message);
-    showError(ended ? new Error("The shared session has ended.") : error);
-  });
+  viewer.on("error", showViewerError);
   showState(viewer.getConnectionState());
 }
 
@@ -40,7 +43,5 @@ window.livemorphViewer = {
 window.addEventListener("pagehide", () => viewer?.disconnect());
 watch().catch((error) => {
   showState("disconnected");
-  showError(
-    /invalid session/i.test(error.message) ? new Error("The shared session has ended.") : error,
-  );
+  showViewerError(error);
 });

@@ -234,6 +234,11 @@ function tooLarge(size) {
   return invalidInput(`image is ${size} bytes; the limit is ${MAX_IMAGE_BYTES} bytes (10 MB)`);
 }
 
+function checkImageSize(size) {
+  if (size > MAX_IMAGE_BYTES) throw tooLarge(size);
+  if (size === 0) throw invalidInput("image is empty");
+}
+
 function bytesToBase64(bytes) {
   let binary = "";
   const chunk = 0x8000;
@@ -244,8 +249,7 @@ function bytesToBase64(bytes) {
 }
 
 async function blobToBase64(blob) {
-  if (blob.size > MAX_IMAGE_BYTES) throw tooLarge(blob.size);
-  if (blob.size === 0) throw invalidInput("image is empty");
+  checkImageSize(blob.size);
   return bytesToBase64(new Uint8Array(await blob.arrayBuffer()));
 }
 
@@ -257,7 +261,8 @@ function decodedSize(b64) {
 
 function plainBase64(text) {
   const b64 = text.replace(/\s+/g, "");
-  if (decodedSize(b64) > MAX_IMAGE_BYTES) throw tooLarge(decodedSize(b64));
+  const size = decodedSize(b64);
+  if (size > MAX_IMAGE_BYTES) throw tooLarge(size);
   if (!b64) throw invalidInput("image is empty");
   if (b64.length % 4 === 1 || !/^[A-Za-z0-9+/]+={0,2}$/.test(b64)) {
     throw invalidInput("image string is neither a data: URL, an http(s) URL, nor base64");
@@ -275,8 +280,7 @@ export async function imageToBase64(image) {
   if (image instanceof ArrayBuffer) return imageToBase64(new Uint8Array(image));
   if (ArrayBuffer.isView(image)) {
     const bytes = new Uint8Array(image.buffer, image.byteOffset, image.byteLength);
-    if (bytes.length > MAX_IMAGE_BYTES) throw tooLarge(bytes.length);
-    if (bytes.length === 0) throw invalidInput("image is empty");
+    checkImageSize(bytes.length);
     return bytesToBase64(bytes);
   }
   if (typeof image === "string") {
@@ -484,6 +488,13 @@ class Signaling {
     this._setState("disconnected");
   }
 
+  /** Throw why the attempt ended, if it has. */
+  _throwIfEnded() {
+    if (this.ended) {
+      throw this.endError || new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, "connection closed");
+    }
+  }
+
   sendRaw(message) {
     if (!this.ws || this.ended || this.ws.readyState !== WebSocket.OPEN) {
       // The server may have said why just before closing: that error, not a generic one,
@@ -510,21 +521,16 @@ class Signaling {
     };
     try {
       this.sendRaw({ type: "prompt", prompt: text, enhance_prompt: enhance });
-      await withTimeout(waiter, timeoutMs, "prompt acknowledgment", forget);
+      await withTimeout(waiter, timeoutMs, "prompt acknowledgment");
     } finally {
       forget();
     }
   }
 
-  /**
-   * Send `set_image` and wait for the next `set_image_ack` (acks come back in order).
-   * `passthrough` sends `image_data: null, prompt: null`: no transformation until told.
-   */
-  async sendImage(imageData, prompt, enhance, timeoutMs = IMAGE_TIMEOUT_MS, passthrough = false) {
+  /** Send `set_image` and wait for the next `set_image_ack` (acks come back in order). */
+  async sendImage(imageData, prompt, enhance, timeoutMs = IMAGE_TIMEOUT_MS) {
     const message = { type: "set_image", image_data: imageData };
-    if (passthrough) {
-      message.prompt = null;
-    } else if (prompt !== undefined && prompt !== null) {
+    if (prompt !== undefined && prompt !== null) {
       message.prompt = prompt;
       if (enhance !== undefined) message.enhance_prompt = enhance;
     }
@@ -536,7 +542,7 @@ class Signaling {
     };
     try {
       this.sendRaw(message);
-      await withTimeout(waiter, timeoutMs, "image acknowledgment", forget);
+      await withTimeout(waiter, timeoutMs, "image acknowledgment");
     } finally {
       forget();
     }
@@ -547,9 +553,7 @@ class Signaling {
    * `receive` adds recvonly transceivers first (viewers: video and audio; live_avatar: video).
    */
   async negotiate(stream, { receive = [], connectTimeout = CONNECT_TIMEOUT_MS } = {}) {
-    if (this.ended) {
-      throw this.endError || new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, "connection closed");
-    }
+    this._throwIfEnded();
     const pc = new RTCPeerConnection({ iceServers: this._iceServers });
     this.pc = pc;
     for (const kind of receive) pc.addTransceiver(kind, { direction: "recvonly" });
@@ -575,8 +579,7 @@ class Signaling {
       const result = await this._customizeOffer(description);
       if (result && typeof result.sdp === "string") description.sdp = result.sdp;
     }
-    if (this.ended)
-      throw this.endError || new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, "connection closed");
+    this._throwIfEnded();
     await pc.setLocalDescription(description);
 
     this._connected = deferred();
@@ -687,18 +690,20 @@ class Signaling {
 
   async _applyAnswer(sdp) {
     if (!this.pc) return;
+    const queued = this._queuedCandidates;
+    this._queuedCandidates = [];
     try {
       await this.pc.setRemoteDescription({ type: "answer", sdp });
-      for (const candidate of this._queuedCandidates) await this.pc.addIceCandidate(candidate);
     } catch (error) {
       if (this._connected) {
         this._connected.reject(
           new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, `cannot apply answer: ${error.message}`),
         );
       }
-    } finally {
-      this._queuedCandidates = [];
+      return;
     }
+    // Each one as if it came now: a malformed one is skipped, not fatal to the answer.
+    for (const candidate of queued) await this._addCandidate(candidate);
   }
 
   async _addCandidate(candidate) {
@@ -738,6 +743,7 @@ class LiveConnection {
     this._url = url;
     this._stream = options.stream || null;
     this._receive = options.receive || [];
+    this._release = options.release || null;
     this._onRemoteStream = options.onRemoteStream || null;
     this._iceServers = options.iceServers || [];
     this._customizeOffer = options.customizeOffer || null;
@@ -823,10 +829,14 @@ class LiveConnection {
   }
 
   _setState(state) {
-    if (state !== this._state) {
-      this._state = state;
-      this._emit("connectionChange", state);
+    if (state === this._state) return;
+    this._state = state;
+    // "disconnected" only ever follows the start as the end: free what the session held.
+    if (state === "disconnected" && this._release) {
+      this._release();
+      this._release = null;
     }
+    this._emit("connectionChange", state);
   }
 
   _report(error) {
@@ -851,15 +861,15 @@ class LiveConnection {
     setTimeout(() => this._flush(), 0);
   }
 
+  /** Wait `ms`, or less if disconnect() wakes it. */
   _sleep(ms) {
     return new Promise((resolve) => {
-      const timer = setTimeout(done, ms);
-      const self = this;
-      function done() {
+      const done = () => {
         clearTimeout(timer);
-        self._wake = null;
+        this._wake = null;
         resolve();
-      }
+      };
+      const timer = setTimeout(done, ms);
       this._wake = done;
     });
   }
@@ -878,7 +888,7 @@ class LiveConnection {
           console.warn(
             `[livemorph] attempt ${attempt + 1} failed: ${error.message}; retry in ${wait} ms`,
           );
-          await this._sleep(this._delays[attempt]);
+          await this._sleep(wait);
           if (this._closing) throw new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, "disconnected");
         }
       }
@@ -902,11 +912,7 @@ class LiveConnection {
         receive: this._receive,
         connectTimeout: this._connectTimeout,
       });
-      if (signaling.ended) {
-        throw (
-          signaling.endError || new LivemorphError(ERROR_CODES.WEB_RTC_ERROR, "connection closed")
-        );
-      }
+      signaling._throwIfEnded();
     } catch (error) {
       signaling.close();
       if (this._signaling === signaling) this._signaling = null;
@@ -1033,16 +1039,12 @@ class RealtimeClient extends LiveConnection {
    * Images over 10 MB are refused here, before anything is sent.
    */
   async setImage(image, { prompt, enhance = true, timeout = IMAGE_TIMEOUT_MS } = {}) {
-    if (prompt !== undefined && prompt !== null) checkPrompt(prompt);
+    const withPrompt = prompt !== undefined && prompt !== null;
+    if (withPrompt) checkPrompt(prompt);
     if (image === undefined) throw invalidInput("image must be given (null clears it)");
     const data = image === null ? null : await imageToBase64(image);
-    const withPrompt = prompt !== undefined && prompt !== null;
-    await this._live().sendImage(
-      data,
-      withPrompt ? prompt : undefined,
-      withPrompt ? enhance !== false : undefined,
-      timeout,
-    );
+    // sendImage leaves out `prompt` and `enhance_prompt` when there is no prompt.
+    await this._live().sendImage(data, prompt, enhance !== false, timeout);
     this._image = data;
     if (withPrompt) this._prompt = { text: prompt, enhance: enhance !== false };
   }
@@ -1060,13 +1062,7 @@ class RealtimeClient extends LiveConnection {
 
   async _prepare(signaling) {
     if (this._image) {
-      const prompt = this._prompt;
-      await signaling.sendImage(
-        this._image,
-        prompt ? prompt.text : undefined,
-        prompt ? prompt.enhance : undefined,
-        IMAGE_TIMEOUT_MS,
-      );
+      await signaling.sendImage(this._image, this._prompt?.text, this._prompt?.enhance);
     } else if (this._prompt) {
       await signaling.sendPrompt(this._prompt.text, this._prompt.enhance, PROMPT_TIMEOUT_MS);
     }
@@ -1085,14 +1081,15 @@ class Subscription extends LiveConnection {
   }
 }
 
-function silentAudioStream() {
+/** A silent audio track, and how to free the AudioContext behind it once the session ends. */
+function silentAudio() {
   const context = new AudioContext();
   const destination = context.createMediaStreamDestination();
   const source = context.createConstantSource();
   source.offset.value = 0;
   source.connect(destination);
   source.start();
-  return destination.stream;
+  return { stream: destination.stream, release: () => context.close().catch(() => {}) };
 }
 
 function mediaPlan(modelName, stream) {
@@ -1101,15 +1098,13 @@ function mediaPlan(modelName, stream) {
   }
   if (modelName === "live_avatar") {
     const audio = stream ? stream.getAudioTracks() : [];
-    return {
-      stream: audio.length ? new MediaStream(audio) : silentAudioStream(),
-      receive: ["video"],
-    };
+    const source = audio.length ? { stream: new MediaStream(audio), release: null } : silentAudio();
+    return { ...source, receive: ["video"] };
   }
   if (!stream || !stream.getVideoTracks().length) {
     throw invalidInput(`model ${modelName} needs a stream with a video track`);
   }
-  return { stream, receive: [] };
+  return { stream, receive: [], release: null };
 }
 
 function initialStateOf(state) {
@@ -1157,6 +1152,7 @@ class RealtimeAPI {
       model: model.name,
       stream: plan.stream,
       receive: plan.receive,
+      release: plan.release,
       prompt,
       image,
     });
