@@ -490,6 +490,7 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample())
+    log_start = len(server.log)
     prompts = ("anime", "oil painting")
     results = await asyncio.gather(
         *(
@@ -518,6 +519,9 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
         f"client {client_cpu:5.1f}, anything else on the machine {others:5.1f}",
         flush=True,
     )
+    for line in server.log[log_start:].splitlines():
+        if "network size" in line:  # the sessions' sizes following the CPU (scaler.py)
+            print("      " + line.split(": ", 1)[-1], flush=True)
 
 
 def part_e2e(args: argparse.Namespace) -> None:
@@ -525,7 +529,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     os.environ[neural.KEEP_STAMP_ENV] = "1"  # inherited by the server: see the docstring
     for engine in args.engines:
         print(f"  engine {engine}", flush=True)
-        with livemorph_server(engine, fast=True) as server:
+        with livemorph_server(engine, fast=True, log_level="info") as server:  # sizes logged
             for sessions in args.sessions:
                 asyncio.run(_e2e_run(server, args.model, sessions, args))
 

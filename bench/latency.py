@@ -283,7 +283,7 @@ def through_server(server: LiveServer, model: str, fast: bool) -> ConnectFn:
 
 
 @contextlib.contextmanager
-def livemorph_server(engine: str, fast: bool) -> Iterator[LiveServer]:
+def livemorph_server(engine: str, fast: bool, log_level: str = "warning") -> Iterator[LiveServer]:
     """A fresh `livemorph serve` with `engine`, its receive path stock or fast."""
     with (
         tempfile.TemporaryDirectory(prefix="livemorph-bench-") as data_dir,
@@ -292,7 +292,7 @@ def livemorph_server(engine: str, fast: bool) -> Iterator[LiveServer]:
             "--engine",
             engine,
             "--log-level",
-            "warning",
+            log_level,
             env={"LIVEMORPH_FAST_RECEIVE": "1" if fast else "0"},
         ) as server,
     ):

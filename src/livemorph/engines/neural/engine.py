@@ -14,8 +14,10 @@ Per frame (1280x704 output, 224x124 network; figures in bench/engine.py):
    although the network ran at a sixteenth of the pixels.
 
 Options (`--engine neural:size=384x208,threads=1,stabilise=0,detail=0.3`): the network
-size for 16:9 output (other aspects keep its pixel count), the intra-op threads, whether
-to stabilise, and how much camera detail goes over the stylised part of the picture.
+size for 16:9 output (other aspects keep its width), `auto` by default: each session starts
+at the smallest and steps up while its frames leave time to spare (scaler.py); the
+intra-op threads, whether to stabilise, and how much camera detail goes over the stylised
+part of the picture.
 
 `LIVEMORPH_BENCH_KEEP_STAMP=1` is a benchmarking aid only: it copies the camera's top-left
 368x48 pixels into the output unchanged, so bench/engine.py can read the latency stamp
@@ -28,6 +30,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -40,6 +43,7 @@ from ...models import ModelSpec
 from ..base import Controls, Engine, EngineSession
 from .look import NUM_STYLES, Grade, Look
 from .networks import StyleNetworks, available_cores
+from .scaler import LADDER, NetworkScaler, Size
 from .temporal import Stabiliser
 
 logger = logging.getLogger(__name__)
@@ -47,12 +51,12 @@ logger = logging.getLogger(__name__)
 KEEP_STAMP_ENV = "LIVEMORPH_BENCH_KEEP_STAMP"
 #: The latency stamp's corner (bench/framecode.py: 16 px margin + 22 x 2 cells of 16 px).
 STAMP_WIDTH, STAMP_HEIGHT = 368, 48
-#: The network's input size for 16:9-ish output (1280x704); see `network_size`. The network
-#: runs on one core, so its size sets the frame rate whatever the core count. On the 2-core
-#: reference machine, end to end with the client beside the server: 224x124 gives 18 fps at
-#: 141 ms p50, 256x140 14-15 fps at 165 ms (bench/engine.py --parts e2e). A faster core can
-#: afford `--engine neural:size=320x176` for finer brush strokes.
-DEFAULT_SIZE = (224, 124)
+#: The network's smallest input size for 16:9-ish output (1280x704); see `network_size`.
+#: The network runs on one core, so its size sets the frame rate whatever the core count:
+#: on a slow 2-core machine, end to end with the client beside the server, 224x124 gave
+#: 18 fps at 141 ms p50 and 256x140 14-15 fps at 165 ms (bench/engine.py --parts e2e),
+#: while a core three times as fast runs 320x176 at 46 fps. Hence `size=auto`.
+DEFAULT_SIZE = LADDER[0]
 #: Camera luma detail laid over the stylised picture (0: none, 1: all of it).
 DEFAULT_DETAIL = 0.3
 #: Camera luma detail below this many levels is taken for sensor noise and left out.
@@ -86,6 +90,17 @@ def network_size(width: int, height: int, base: tuple[int, int] = DEFAULT_SIZE) 
     if abs(base[0] * height / (base[1] * width) - 1.0) < 0.02:
         return base
     return base[0], max(4, round(base[0] * height / width / 4) * 4)
+
+
+def _sizes(option: str) -> tuple[Size, ...]:
+    """The network sizes a session may use: the whole ladder for `auto`, else the one given."""
+    if option == "auto":
+        return LADDER
+    width, _, height = option.partition("x")
+    size = (int(width), int(height))
+    if size[0] % 4 or size[1] % 4 or min(size) < 16:
+        raise ValueError("the network size must be auto, or multiples of 4, at least 16")
+    return (size,)
 
 
 def parse_options(text: str) -> dict[str, str]:
@@ -127,10 +142,7 @@ class NeuralEngine(Engine):
 
     def __init__(self, options: str = "", catalog: LookSource | None = None) -> None:
         parsed = parse_options(options)
-        width, _, height = parsed.get("size", "x".join(map(str, DEFAULT_SIZE))).partition("x")
-        self.size = (int(width), int(height))
-        if self.size[0] % 4 or self.size[1] % 4 or min(self.size) < 16:
-            raise ValueError("the network size must be multiples of 4, at least 16")
+        self.sizes = _sizes(parsed.get("size", "auto"))
         self.threads = int(parsed.get("threads", "1"))
         self.permits = int(parsed["runs"]) if "runs" in parsed else None
         nice = parsed.get("nice", "0")
@@ -283,7 +295,10 @@ class NeuralSession(EngineSession):
     def __init__(self, spec: ModelSpec, engine: NeuralEngine) -> None:
         super().__init__(spec)
         self.engine = engine
-        self.size = network_size(spec.width, spec.height, engine.size)
+        self.scaler = NetworkScaler(
+            [network_size(spec.width, spec.height, size) for size in engine.sizes],
+            interval=1.0 / spec.fps,
+        )
         self.look: Look | None = None
         self._prompt_look: Look | None = None
         #: The reference image last embedded (held, so identity means "same picture"),
@@ -292,14 +307,20 @@ class NeuralSession(EngineSession):
         self._image_weights: np.ndarray | None = None
         self._palette: np.ndarray | None = None
         self.stabiliser = Stabiliser() if engine.stabilise else Stabiliser(hold=0.0, denoise=0.0)
-        width, height = self.size
-        self._input = np.empty((1, 3, height, width), np.float32)
-        self._styled = np.empty((1, 3, height, width), np.float32)
+        self._resize(self.scaler.size)
         # one scaler per conversion, so each keeps its swscale context between frames
         self._down = VideoReformatter()
         self._luma_down = VideoReformatter()
         self._up = VideoReformatter()
         self._luma_up = VideoReformatter()
+
+    def _resize(self, size: Size) -> None:
+        """Run the network at `size` from the next frame on (buffers, temporal state)."""
+        self.size = size
+        width, height = size
+        self._input = np.empty((1, 3, height, width), np.float32)
+        self._styled = np.empty((1, 3, height, width), np.float32)
+        self.stabiliser.reset()
 
     @property
     def description(self) -> str | None:
@@ -341,11 +362,25 @@ class NeuralSession(EngineSession):
 
     def transform(self, frame: VideoFrame) -> VideoFrame:
         self.engine.lower_priority()
-        width, height = self.spec.width, self.spec.height
-        camera = fit_frame(frame, width, height)
+        started = time.perf_counter()
+        camera = fit_frame(frame, self.spec.width, self.spec.height)
         look = self.look
         if look is None:
             return camera
+        output = self._restyle(camera, look)
+        if (size := self.scaler.record(time.perf_counter() - started)) is not None:
+            logger.info(
+                "network size %dx%d -> %dx%d (frames took %.1f ms of every %.0f ms)",
+                *self.size,
+                *size,
+                1000 * (self.scaler.left_at or 0.0),
+                1000 * self.scaler.interval,
+            )
+            self._resize(size)
+        return output
+
+    def _restyle(self, camera: VideoFrame, look: Look) -> VideoFrame:
+        width, height = self.spec.width, self.spec.height
         strength = float(np.clip(look.strength, 0.0, 1.0))
         camera_share, sharpen = 1.0 - strength, strength * self.engine.detail
         detail: Future[np.ndarray] | None = None
