@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from aiortc.mediastreams import MediaStreamTrack
 from decart import DecartClient, models
 from decart.realtime import RealtimeClient, RealtimeConnectOptions
 from decart.types import ModelState, Prompt
@@ -25,21 +28,12 @@ async def test_official_client_default_flow(server) -> None:
     )
     model = models.realtime("mirage_v2")
     source = SceneTrack(model.width, model.height, fps=model.fps)
-    rt = await RealtimeClient.connect(
-        base_url=client.realtime_base_url,
-        api_key=client.api_key,
-        local_track=source,
-        options=RealtimeConnectOptions(
-            model=model,
-            on_remote_stream=tracks.append,
-            initial_state=ModelState(prompt=Prompt(text="anime", enhance=True)),
-        ),
-    )
+    rt = await connect_official(client, model, source, tracks.append, "anime")
     rt.on("connection_change", states.append)
     rt.on("generation_tick", lambda msg: ticks.append(msg.seconds))
     assert rt.session_id
     assert rt.is_connected()
-    output = FrameSink(await _wait_for_video(tracks))
+    output = FrameSink(await video_of(tracks))
     try:
         anime = await output.fresh()
         assert anime.shape == (model.height, model.width, 3)
@@ -58,7 +52,28 @@ async def test_official_client_default_flow(server) -> None:
     assert server.wait_sessions(0) == 0
 
 
-async def _wait_for_video(tracks: list):
+async def connect_official(
+    client: DecartClient,
+    model: Any,
+    source: MediaStreamTrack,
+    on_remote_stream: Callable[[Any], None],
+    prompt: str,
+) -> RealtimeClient:
+    """The published client's `RealtimeClient.connect`, as the seeds call it."""
+    return await RealtimeClient.connect(
+        base_url=client.realtime_base_url,
+        api_key=client.api_key,
+        local_track=source,
+        options=RealtimeConnectOptions(
+            model=model,
+            on_remote_stream=on_remote_stream,
+            initial_state=ModelState(prompt=Prompt(text=prompt, enhance=True)),
+        ),
+    )
+
+
+async def video_of(tracks: list) -> Any:
+    """The first video track among those `on_remote_stream` collected, once one arrives."""
     async with asyncio.timeout(10):
         while True:
             for track in tracks:

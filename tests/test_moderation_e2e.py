@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from decart import DecartClient, models
 from decart.errors import DecartSDKError
-from decart.realtime import RealtimeClient, RealtimeConnectOptions
-from decart.types import ModelState, Prompt
 from PIL import Image
 from websockets.asyncio.client import connect
 
 from livemorph import ErrorCode, LivemorphError, RetryPolicy, create_client
 from tests.media import FrameSink, SceneTrack, mean_abs_diff
+from tests.test_decart_client import connect_official, video_of
 from tests.test_signaling import recv_type, stream_url
 
 pytestmark = pytest.mark.slow
@@ -64,17 +63,8 @@ async def test_refusals_leave_the_look_unchanged_decart_client(server) -> None:
     )
     model = models.realtime("mirage_v2")
     source = SceneTrack(model.width, model.height, fps=model.fps)
-    rt = await RealtimeClient.connect(
-        base_url=client.realtime_base_url,
-        api_key=client.api_key,
-        local_track=source,
-        options=RealtimeConnectOptions(
-            model=model,
-            on_remote_stream=tracks.append,
-            initial_state=ModelState(prompt=Prompt(text="anime", enhance=True)),
-        ),
-    )
-    output = FrameSink(await _video(tracks))
+    rt = await connect_official(client, model, source, tracks.append, "anime")
+    output = FrameSink(await video_of(tracks))
     try:
         anime = await output.fresh()
         with pytest.raises(DecartSDKError, match="refused by moderation: not allowed"):
@@ -106,15 +96,8 @@ async def test_refused_initial_prompt_fails_the_decart_connect(server) -> None:
         # "not allowed" in the refusal stops the client's retries: this fails at once
         async with asyncio.timeout(20):
             with pytest.raises(Exception, match="refused by moderation") as raised:
-                await RealtimeClient.connect(
-                    base_url=client.realtime_base_url,
-                    api_key=client.api_key,
-                    local_track=SceneTrack(320, 176),
-                    options=RealtimeConnectOptions(
-                        model=model,
-                        on_remote_stream=lambda track: None,
-                        initial_state=ModelState(prompt=Prompt(text="g0ry battlefield")),
-                    ),
+                await connect_official(
+                    client, model, SceneTrack(320, 176), lambda track: None, "g0ry battlefield"
                 )
         assert "graphic gore" in str(raised.value)
     finally:
@@ -146,12 +129,3 @@ async def test_python_sdk_raises_on_refusal(server) -> None:
             await rt.set_prompt("watercolour")  # the session goes on
         finally:
             await rt.disconnect()
-
-
-async def _video(tracks: list):
-    async with asyncio.timeout(10):
-        while True:
-            for track in tracks:
-                if track.kind == "video":
-                    return track
-            await asyncio.sleep(0.05)
