@@ -128,7 +128,7 @@ class Session:
         if not any(t.kind == "video" for t in pc.getTransceivers()):
             raise ValueError("the offer has no video")
         kinds_sent = {t.kind for t in pc.getTransceivers() if t.sender.track is not None}
-        if "video" not in kinds_sent and any(t.kind == "video" for t in pc.getTransceivers()):
+        if "video" not in kinds_sent:
             # A recvonly video offer (an avatar) still gets the model's output.
             pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
         await pc.setLocalDescription(await pc.createAnswer())
