@@ -1,4 +1,4 @@
-"""What a prompt resolves to: a blend of the built-in styles plus a colour grade.
+"""What a prompt resolves to: a blend of the built-in styles, a colour grade and effects.
 
 The text side (`styles.py`) turns prompts into a `Look`; the image side (`engine.py`) runs
 the networks and applies it. Keeping the hand-off a plain value keeps the two apart.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .effects import Effects
 
 NUM_STYLES = 26
 
@@ -32,6 +34,8 @@ class Look:
     #: How much of the stylised image to show over the camera picture (0..1).
     strength: float = 1.0
     grade: Grade = Grade()
+    #: Image operations beside the networks (line art, materials ...); all off by default.
+    effects: Effects = field(default_factory=Effects)
     #: The catalog entry the prompt matched, e.g. "anime".
     name: str = ""
     #: The fuller description the engine used (the "enhanced" prompt).
