@@ -3,6 +3,7 @@
     python bench/engine.py                                  # every part
     python bench/engine.py --parts network transform        # some of them
     python bench/engine.py --parts e2e --engines neural neural:nice=0 neural:threads=2
+    python bench/engine.py --parts step --client stock --seconds 45 --repeat 5
 
 Parts:
 - `network`: multistyle26 alone at each internal size, for each ONNX Runtime setting
@@ -20,11 +21,23 @@ Parts:
   model's size: delivered fps, p50/p95 glass-to-glass latency, CPU of server, client
   and of anything else running on the machine at the time (if that is not near 0, the
   run was disturbed: measure again).
+- `step`: what a user's app sees. A real `livemorph serve` (a fresh one per client, the
+  whole frame through the engine: no stamp) gets the astronaut photo at the model's size and
+  fps, its brightness stepping between full and 55% every 2 s, from the published
+  `decart==0.0.30` client (`--client stock`) and from our SDK (`--client sdk`). The step
+  response is the time from the source handing out the first frame of a new level until the
+  first output frame whose mean luma is past halfway between the output's steady levels
+  before and after (learnt from the run: the median of the late half of each held period).
+  Per run (`--repeat`, `--seconds` after `--warmup`): delivered fps, step-response p50 and
+  p95, the p50 of the run's first, middle and last third and last / first (creep), time to
+  first frame (run 1 includes loading the engine), CPU, and the network sizes the scaler
+  went through; then the median over the runs.
 
-Latency needs the stamp that bench/latency.py's source draws in the top-left 368x48 px;
-a restyling engine paints over it, so the server runs with LIVEMORPH_BENCH_KEEP_STAMP=1,
-which makes the neural engine copy that corner from the camera unchanged. The rest of the
-frame still goes through the network: the cost measured is the full cost.
+The e2e part's latency needs the stamp that bench/latency.py's source draws in the top-left
+368x48 px; a restyling engine paints over it, so for e2e the server runs with
+LIVEMORPH_BENCH_KEEP_STAMP=1, which makes the neural engine copy that corner from the camera
+unchanged. The rest of the frame still goes through the network: the cost measured is the
+full cost.
 """
 
 from __future__ import annotations
@@ -34,10 +47,12 @@ import asyncio
 import functools
 import itertools
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +62,7 @@ from av.video.reformatter import VideoReformatter
 
 from cpu import machine_busy_seconds, process_cpu_seconds
 from latency import (
+    VIDEO_TIME_BASE,
     ConnectFn,
     Link,
     LiveServer,
@@ -525,6 +541,7 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
 
 
 def part_e2e(args: argparse.Namespace) -> None:
+    args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or 15.0})
     print("\n## end to end through livemorph serve (client and server on this machine)")
     os.environ[neural.KEEP_STAMP_ENV] = "1"  # inherited by the server: see the docstring
     for engine in args.engines:
@@ -534,6 +551,301 @@ def part_e2e(args: argparse.Namespace) -> None:
                 asyncio.run(_e2e_run(server, args.model, sessions, args))
 
 
+# -- step response ---------------------------------------------------------------------
+
+#: The source's two brightness levels (gain on the photo) and how long it holds each.
+STEP_GAINS = (1.0, 0.55)
+STEP_HOLD_S = 2.0
+
+
+class SteppedSource(MediaStreamTrack):
+    """The astronaut photo at `fps`, its brightness stepping between STEP_GAINS every `hold` s.
+
+    Frames are pre-rendered (a few variants of each level with sensor-like noise, cycled),
+    so a frame costs one copy. Paced like latency.StampedSource: a consumer that falls
+    behind gets the newest frame. `steps` gets (time recv() returned the first frame of a
+    level, level index) for every change of level, the first level included.
+    """
+
+    kind = "video"
+
+    def __init__(
+        self, width: int, height: int, fps: float, hold: float = STEP_HOLD_S, variants: int = 4
+    ) -> None:
+        super().__init__()
+        self.fps = fps
+        self._hold_frames = max(1, round(hold * fps))
+        rgb = photo(width, height).astype(np.float32)
+        rng = np.random.default_rng(1)
+        self._frames = [
+            [
+                yuv_frame(
+                    np.clip(rgb * gain + rng.standard_normal(rgb.shape, np.float32) * 2.0, 0, 255)
+                    .round()
+                    .astype(np.uint8)
+                ).to_ndarray()
+                for _ in range(variants)
+            ]
+            for gain in STEP_GAINS
+        ]
+        self._start: float | None = None
+        self._slot = -1
+        self._level = -1
+        self.steps: list[tuple[float, int]] = []
+
+    async def recv(self) -> VideoFrame:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        slot = max(self._slot + 1, int((now - self._start) * self.fps))
+        due = self._start + slot / self.fps
+        if due > now:
+            await asyncio.sleep(due - now)
+        self._slot = slot
+        level = (slot // self._hold_frames) % len(self._frames)
+        variants = self._frames[level]
+        frame = VideoFrame.from_ndarray(variants[slot % len(variants)], format="yuv420p")
+        frame.pts, frame.time_base = round(slot * 90000 / self.fps), VIDEO_TIME_BASE
+        if level != self._level:
+            self._level = level
+            self.steps.append((time.monotonic(), level))
+        return frame
+
+
+def mean_luma(frame: VideoFrame) -> float:
+    """Mean of the Y plane over the whole frame, every 8th row and column."""
+    if frame.format.name not in ("yuv420p", "yuvj420p"):
+        frame = frame.reformat(format="yuv420p")
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return float(rows[::8, : plane.width : 8].mean())
+
+
+@dataclass
+class StepRun:
+    fps: float
+    first_frame_s: float
+    p50: float
+    p95: float
+    thirds: tuple[float, float, float]
+    creep: float  # last-third p50 / first-third p50
+    measured: int  # steps with a response
+    unseparable: int  # steps whose two output levels could not be told apart
+    missed: int  # separable steps whose output never crossed halfway before the next step
+    server_cpu: float
+    client_cpu: float
+    others_cpu: float
+    sizes: str  # the network sizes the engine's scaler went through, from the server's log
+
+    def line(self) -> str:
+        first, middle, last = self.thirds
+        return (
+            f"fps {self.fps:5.1f}  step p50 {self.p50:5.0f} ms  p95 {self.p95:5.0f} ms  "
+            f"thirds {first:4.0f}/{middle:4.0f}/{last:4.0f} ms  creep x{self.creep:4.2f}  "
+            f"first frame {self.first_frame_s:5.2f} s  steps {self.measured} "
+            f"(unseparable {self.unseparable}, missed {self.missed})  cpu % server "
+            f"{self.server_cpu:5.1f} client {self.client_cpu:5.1f} else {self.others_cpu:5.1f}"
+            + f"  net {self.sizes or 'no change logged'}"
+        )
+
+
+def step_responses(
+    steps: list[tuple[float, int]], arrivals: list[tuple[float, float]], hold: float
+) -> list[tuple[float, float | str]]:
+    """For each step after the first level, (t0, response ms | "unseparable" | "missed").
+
+    `arrivals` are (arrival time, mean output luma). The output's steady level for a held
+    period is the median luma of the frames that arrived in its second half; a step is
+    timed to the first frame past halfway between the steady level of the period before it
+    and that of its own period, so the levels follow the run as it goes. A step is
+    unseparable unless the two levels are over 1 luma level and over 3 times the spread
+    (p90 - p10) of either period's late frames apart; missed if no frame crossed before
+    the next step.
+    """
+    times = np.array([t for t, _ in arrivals])
+    lumas = np.array([y for _, y in arrivals])
+    ends = [t for t, _ in steps[1:]] + [steps[-1][0] + hold]
+    steady: list[tuple[float, float] | None] = []
+    for (t0, _), end in zip(steps, ends, strict=True):
+        late = lumas[(times >= t0 + (end - t0) / 2) & (times < end)]
+        spread = float(np.percentile(late, 90) - np.percentile(late, 10)) if len(late) else 0
+        steady.append((float(np.median(late)), spread) if len(late) >= 5 else None)
+    outcomes: list[tuple[float, float | str]] = []
+    for index in range(1, len(steps)):
+        before, after = steady[index - 1], steady[index]
+        t0, end = steps[index][0], ends[index]
+        gap = after[0] - before[0] if before and after else 0.0
+        if not before or not after or abs(gap) <= max(1.0, 3 * before[1], 3 * after[1]):
+            outcomes.append((t0, "unseparable"))
+            continue
+        halfway = (before[0] + after[0]) / 2
+        crossed = (lumas >= halfway) if gap > 0 else (lumas <= halfway)
+        hits = np.flatnonzero((times > t0) & (times < end) & crossed)
+        outcomes.append((t0, float(times[hits[0]] - t0) * 1000 if len(hits) else "missed"))
+    return outcomes
+
+
+def stock_client(server: LiveServer, model: str, prompt: str) -> ConnectFn:
+    """The published decart==0.0.30 client, connected as the seeds connect it."""
+
+    async def connect(source: MediaStreamTrack) -> Link:
+        from decart import DecartClient, models
+        from decart.realtime import RealtimeClient, RealtimeConnectOptions
+        from decart.types import ModelState, Prompt
+
+        client = DecartClient(
+            api_key=server.api_key, base_url=server.base_url, realtime_base_url=server.ws_url
+        )
+        video: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+        def on_remote_stream(track: MediaStreamTrack) -> None:
+            if track.kind == "video" and not video.done():
+                video.set_result(track)
+
+        session = await RealtimeClient.connect(
+            base_url=client.realtime_base_url,
+            api_key=client.api_key,
+            local_track=source,
+            options=RealtimeConnectOptions(
+                model=models.realtime(model),
+                on_remote_stream=on_remote_stream,
+                initial_state=ModelState(prompt=Prompt(text=prompt, enhance=True)),
+            ),
+        )
+
+        async def close() -> None:
+            await session.disconnect()
+            await client.close()
+
+        try:
+            track = await asyncio.wait_for(video, timeout=10)
+        except BaseException:
+            await close()
+            raise
+        return Link(track=track, close=close)
+
+    return connect
+
+
+STEP_CLIENTS: dict[str, Callable[[LiveServer, str, str], ConnectFn]] = {
+    "stock": stock_client,
+    "sdk": through_server,
+}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def _step_run(server: LiveServer, client: str, args: argparse.Namespace) -> StepRun:
+    spec = CATALOG[args.model]
+    seconds, warmup = args.seconds or 60.0, args.warmup
+    source = SteppedSource(spec.width, spec.height, spec.fps)
+    log_start = len(server.log)
+    samples: list[tuple[float, float, float, float]] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(
+                (
+                    time.monotonic(),
+                    process_cpu_seconds(server.process.pid),
+                    process_cpu_seconds(os.getpid()),
+                    machine_busy_seconds(),
+                )
+            )
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample())
+    started = time.monotonic()
+    arrivals: list[tuple[float, float]] = []
+    try:
+        link = await STEP_CLIENTS[client](server, args.model, args.prompt)(source)
+    except BaseException:
+        sampler.cancel()
+        raise
+    try:
+        frame = await asyncio.wait_for(link.track.recv(), timeout=30)
+        first = time.monotonic()
+        arrivals.append((first, mean_luma(frame)))
+        window_start = first + warmup
+        deadline = window_start + seconds
+        while arrivals[-1][0] < deadline:
+            frame = await asyncio.wait_for(link.track.recv(), timeout=10)
+            arrivals.append((time.monotonic(), mean_luma(frame)))
+    finally:
+        sampler.cancel()
+        source.stop()
+        await link.close()
+    window = [s for s in samples if window_start <= s[0] <= deadline]
+    span = window[-1][0] - window[0][0]
+    server_cpu, client_cpu, machine = (
+        (window[-1][i] - window[0][i]) / span * 100 for i in (1, 2, 3)
+    )
+    # Only the steps whose whole held period lies in the measured window; thirds of that span.
+    outcomes = [
+        (t0, outcome)
+        for t0, outcome in step_responses(source.steps, arrivals, STEP_HOLD_S)
+        if window_start <= t0 <= deadline - STEP_HOLD_S
+    ]
+    kept = [(t0, ms) for t0, ms in outcomes if isinstance(ms, float)]
+    thirds: list[list[float]] = [[], [], []]
+    for t0, ms in kept:
+        thirds[min(2, int(3 * (t0 - window_start) / max(seconds - STEP_HOLD_S, 1e-3)))].append(ms)
+    medians = [_percentile(third, 50) for third in thirds]
+    all_ms = [ms for _, ms in kept]
+    sizes = re.findall(r"network size (\S+) -> (\S+)", server.log[log_start:])
+    return StepRun(
+        fps=sum(window_start <= t < deadline for t, _ in arrivals) / seconds,
+        first_frame_s=first - started,
+        p50=_percentile(all_ms, 50),
+        p95=_percentile(all_ms, 95),
+        thirds=(medians[0], medians[1], medians[2]),
+        creep=medians[2] / medians[0],
+        measured=len(kept),
+        unseparable=sum(outcome == "unseparable" for _, outcome in outcomes),
+        missed=sum(outcome == "missed" for _, outcome in outcomes),
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+        others_cpu=machine - server_cpu - client_cpu,
+        sizes=" -> ".join([sizes[0][0], *(b for _, b in sizes)]) if sizes else "",
+    )
+
+
+def part_step(args: argparse.Namespace) -> None:
+    spec = CATALOG[args.model]
+    print(
+        f"\n## step response through livemorph serve: {args.model} {spec.width}x{spec.height}"
+        f"@{spec.fps}, prompt {args.prompt!r}, brightness x{STEP_GAINS[0]:g}/x{STEP_GAINS[1]:g}"
+        f" every {STEP_HOLD_S:g} s, {args.seconds or 60.0:g} s after {args.warmup:g} s warm-up",
+        flush=True,
+    )
+    os.environ.pop(neural.KEEP_STAMP_ENV, None)  # the whole frame goes through the engine
+    for engine in args.engines:
+        for client in args.client:
+            print(f"  engine {engine}, {client} client (a fresh server)", flush=True)
+            runs = []
+            with livemorph_server(engine, fast=True, log_level="info") as server:
+                for index in range(args.repeat):
+                    runs.append(asyncio.run(_step_run(server, client, args)))
+                    print(f"    run {index + 1}: {runs[-1].line()}", flush=True)
+            median = {
+                field: statistics.median(getattr(run, field) for run in runs)
+                for field in ("fps", "p50", "p95", "creep", "first_frame_s")
+            }
+            thirds = [statistics.median(run.thirds[i] for run in runs) for i in range(3)]
+            print(
+                f"    median of {len(runs)}: fps {median['fps']:5.1f}  step p50 "
+                f"{median['p50']:5.0f} ms  p95 {median['p95']:5.0f} ms  thirds "
+                f"{thirds[0]:4.0f}/{thirds[1]:4.0f}/{thirds[2]:4.0f} ms  creep "
+                f"x{median['creep']:4.2f}  first frame {median['first_frame_s']:5.2f} s  "
+                f"cpu % server {statistics.median(r.server_cpu for r in runs):5.1f} client "
+                f"{statistics.median(r.client_cpu for r in runs):5.1f} else "
+                f"{statistics.median(r.others_cpu for r in runs):5.1f}",
+                flush=True,
+            )
+
+
 PARTS = {
     "network": part_network,
     "transform": part_transform,
@@ -541,6 +853,7 @@ PARTS = {
     "flicker": part_flicker,
     "match": part_match,
     "e2e": part_e2e,
+    "step": part_step,
 }
 
 
@@ -549,10 +862,23 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--rounds", type=int, default=15, help="timing repeats per variant")
     parser.add_argument("--model", default="mirage", choices=list(CATALOG))
-    parser.add_argument("--engines", nargs="+", default=["neural"], help="e2e: engine specs")
+    parser.add_argument("--engines", nargs="+", default=["neural"], help="e2e, step: engine specs")
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 2], help="e2e: counts")
-    parser.add_argument("--seconds", type=float, default=15.0, help="e2e: measured seconds")
-    parser.add_argument("--warmup", type=float, default=3.0, help="e2e: seconds ignored first")
+    parser.add_argument(
+        "--seconds", type=float, help="e2e, step: measured seconds (default 15, step 60)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="e2e, step: seconds ignored first"
+    )
+    parser.add_argument(
+        "--client",
+        nargs="+",
+        choices=list(STEP_CLIENTS),
+        default=list(STEP_CLIENTS),
+        help="step: the published decart==0.0.30 client, our SDK, or both in turn",
+    )
+    parser.add_argument("--prompt", default="anime", help="step: the session's prompt")
+    parser.add_argument("--repeat", type=int, default=3, help="step: runs per client")
     args = parser.parse_args()
     print(f"cores: {available_cores()}, onnxruntime {ort.__version__}", flush=True)
     for part in args.parts:
