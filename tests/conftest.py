@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
 
 from livemorph.testing import LiveServer, serve
 from tests.postgres import PostgresServer, postgres_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def text_model() -> None:
+    """The prompt encoder's weights, fetched once (into the user cache) before any server
+    starts, so a first run on a fresh machine does not spend a server's start-up deadline
+    on the download. Offline, the tests that need them fail with the fetch's own error."""
+    from livemorph.engines.neural import weights
+
+    with contextlib.suppress(weights.WeightsUnavailable):
+        weights.resolve()
 
 
 @pytest.fixture(scope="session")

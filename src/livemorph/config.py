@@ -52,6 +52,10 @@ class Settings:
     fast_receive: bool = True
     #: The demo page at / and its token route (POST /demo/token); turn off for production.
     demo: bool = True
+    #: A folder with the prompt encoder's weights (all-MiniLM-L6-v2's config.json,
+    #: sentence_bert_config.json, tokenizer.json, model.safetensors); default: found or
+    #: fetched once into the cache (engines/neural/weights.py).
+    text_model: Path | None = None
     #: A word list added to the embedded prompt policy (format: policy/blocklist.txt).
     moderation_blocklist: Path | None = None
     #: A moderation webhook asked after the embedded policy; refuses when it cannot answer.
@@ -95,6 +99,8 @@ class Settings:
         settings.log_level = _env("LOG_LEVEL") or settings.log_level
         settings.fast_receive = _env_flag("FAST_RECEIVE", settings.fast_receive)
         settings.demo = _env_flag("DEMO", settings.demo)
+        if text_model := _env("TEXT_MODEL"):
+            settings.text_model = Path(text_model)
         if (blocklist := _env("MODERATION_BLOCKLIST")) is not None:
             settings.moderation_blocklist = Path(blocklist)
         settings.moderation_url = _env("MODERATION_URL")
