@@ -5,19 +5,25 @@ Per frame (1280x704 output, 224x124 network; figures in bench/engine.py):
 1. one swscale pass takes the decoded yuv420p frame straight to planar float RGB at the
    network's size (area filter: it also averages away most camera noise);
 2. the stabiliser blends that input with the previous one where the camera is still;
-3. multistyle26 renders it in the prompt's blend of its 26 learned styles (the only heavy
-   step, ~90% of the time);
+3. multistyle26 renders it in the prompt's blend of its 26 learned styles (the heaviest
+   step by far);
 4. at that low resolution: the reference image's palette, the prompt's grade, the mix with
-   the camera picture by the look's strength, and the temporal blend;
-5. one swscale pass scales the result up to the output size as yuv420p, and the camera's
-   own fine luma detail (what a downscale removes) is added back, so edges stay crisp
-   although the network ran at a sixteenth of the pixels.
+   the camera picture by the look's strength, the look's image effects (effects.py) and
+   the temporal blend;
+5. guided upsampling (guided.py) back to the output size: the stylised picture is fitted,
+   window by window, as a linear function of the camera's luma, and that fit is applied to
+   the camera's full-resolution luma, so every edge in the output is the camera's own,
+   drawn in the style's colours; the network's invented texture is added back on top.
+   Inside faces (faces.py: a Haar cascade every few frames, tracked in between) the fit
+   keeps more of the camera's structure and less invented texture, so eyes and mouths
+   stay readable in every style;
+6. the look's full-resolution effects (line art, grain) on the output planes.
 
-Options (`--engine neural:size=384x208,threads=1,stabilise=0,detail=0.3`): the network
-size for 16:9 output (other aspects keep its width), `auto` by default: each session starts
-at the smallest and steps up while its frames leave time to spare (scaler.py); the
-intra-op threads, whether to stabilise, and how much camera detail goes over the stylised
-part of the picture.
+Options (`--engine neural:size=384x208,threads=1,stabilise=0,structure=0.2,faces=0`): the
+network size for 16:9 output (other aspects keep its width), `auto` by default: each
+session starts at the smallest and steps up while the whole process has time to spare
+(scaler.py); the intra-op threads, whether to stabilise, the least share of the camera's
+structure kept everywhere, and whether to protect faces.
 
 `LIVEMORPH_BENCH_KEEP_STAMP=1` is a benchmarking aid only: it copies the camera's top-left
 368x48 pixels into the output unchanged, so bench/engine.py can read the latency stamp
@@ -31,9 +37,10 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import cv2
 import numpy as np
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
@@ -41,6 +48,9 @@ from av.video.reformatter import VideoReformatter
 from ...media.frames import fit_frame
 from ...models import ModelSpec
 from ..base import Controls, Engine, EngineSession
+from . import guided
+from .effects import EffectsRenderer
+from .faces import FaceTracker, load_cascade
 from .look import NUM_STYLES, Grade, Look
 from .networks import StyleNetworks, available_cores
 from .scaler import LADDER, NetworkScaler, Size
@@ -57,10 +67,19 @@ STAMP_WIDTH, STAMP_HEIGHT = 368, 48
 #: 18 fps at 141 ms p50 and 256x140 14-15 fps at 165 ms (bench/engine.py --parts e2e),
 #: while a core three times as fast runs 320x176 at 46 fps. Hence `size=auto`.
 DEFAULT_SIZE = LADDER[0]
-#: Camera luma detail laid over the stylised picture (0: none, 1: all of it).
-DEFAULT_DETAIL = 0.3
-#: Camera luma detail below this many levels is taken for sensor noise and left out.
-DETAIL_CORING = 6
+#: The least share of the camera's luma contrast the output keeps everywhere (guided.py's
+#: floor): enough that a style which flattens a region still shows what is there.
+DEFAULT_STRUCTURE = 0.15
+#: Inside faces: the camera's luma contrast kept at least, and the share of the network's
+#: invented texture shown. Chosen on the astronaut photo under all 26 styles: at 0.6/0.4
+#: a stock face detector finds the face again in the output of every style (bench/engine.py
+#: --parts faces), while the face keeps the style's colours.
+FACE_STRUCTURE = 0.8
+FACE_TEXTURE = 0.2
+#: The guided fit's window radius inside faces, as a share of the face's width: wide
+#: enough that the style's strokes do not cross eyes and mouth (0.18: 8 network pixels
+#: for the astronaut's face at 224x124).
+FACE_RADIUS = 0.18
 #: Reference image -> style blend: how many of the nearest styles, and how sharply.
 NEAREST_STYLES = 3
 STYLE_TEMPERATURE = 0.25
@@ -70,7 +89,7 @@ MAX_PALETTE_GAIN = 3.0
 IMAGE_STRENGTH = 0.9
 
 #: What `--engine neural:key=value,...` may set.
-OPTIONS = ("size", "threads", "spin", "runs", "stabilise", "detail", "nice")
+OPTIONS = ("size", "threads", "spin", "runs", "stabilise", "structure", "faces", "nice")
 
 _RGB_TO_YUV = np.array(
     [[0.299, 0.587, 0.114], [-0.169, -0.331, 0.5], [0.5, -0.419, -0.081]], np.float32
@@ -149,7 +168,11 @@ class NeuralEngine(Engine):
         self.nice: int | None = None if nice == "idle" else int(nice)
         self.spinning = _flag(parsed.get("spin", "0"))
         self.stabilise = _flag(parsed.get("stabilise", "1"))
-        self.detail = float(parsed.get("detail", DEFAULT_DETAIL))
+        self.structure = float(parsed.get("structure", DEFAULT_STRUCTURE))
+        if not 0.0 <= self.structure <= 1.0:
+            raise ValueError("structure must be between 0 and 1")
+        self.protect_faces = _flag(parsed.get("faces", "1"))
+        self._cascade: cv2.CascadeClassifier | None = None
         self.keep_stamp = os.environ.get(KEEP_STAMP_ENV, "") == "1"
         if self.keep_stamp:
             logger.warning("%s=1: stamp corner left unstyled (benchmarks only)", KEEP_STAMP_ENV)
@@ -161,7 +184,7 @@ class NeuralEngine(Engine):
 
     @property
     def helpers(self) -> ThreadPoolExecutor:
-        """Threads for work that runs beside the network (the camera detail layer)."""
+        """Threads for work that runs beside the network (face detection, the chroma guide)."""
         with self._lock:
             if self._helpers is None:
                 self._helpers = ThreadPoolExecutor(
@@ -173,6 +196,16 @@ class NeuralEngine(Engine):
         """Give the calling thread the engine's priority (see `nice`), once per thread."""
         if self.nice != 0:
             _lower_priority(self.nice)
+
+    def face_tracker(self) -> FaceTracker | None:
+        """A face tracker for a new session (None with faces=0); the cascade loads once."""
+        if not self.protect_faces:
+            return None
+        with self._lock:
+            if self._cascade is None:
+                self._cascade = load_cascade()
+            cascade = self._cascade
+        return FaceTracker(self.helpers.submit, cascade)
 
     def close(self) -> None:
         if self._helpers is not None:
@@ -308,11 +341,10 @@ class NeuralSession(EngineSession):
         self._palette: np.ndarray | None = None
         self.stabiliser = Stabiliser() if engine.stabilise else Stabiliser(hold=0.0, denoise=0.0)
         self._resize(self.scaler.size)
-        # one scaler per conversion, so each keeps its swscale context between frames
+        # keeps its swscale context between frames
         self._down = VideoReformatter()
-        self._luma_down = VideoReformatter()
-        self._up = VideoReformatter()
-        self._luma_up = VideoReformatter()
+        self.faces = engine.face_tracker()
+        self.effects = EffectsRenderer((spec.width, spec.height), self.size)
 
     def _resize(self, size: Size) -> None:
         """Run the network at `size` from the next frame on (buffers, temporal state)."""
@@ -382,10 +414,11 @@ class NeuralSession(EngineSession):
     def _restyle(self, camera: VideoFrame, look: Look) -> VideoFrame:
         width, height = self.spec.width, self.spec.height
         strength = float(np.clip(look.strength, 0.0, 1.0))
-        camera_share, sharpen = 1.0 - strength, strength * self.engine.detail
-        detail: Future[np.ndarray] | None = None
-        if camera_share > 0.0 or sharpen > 0.0:  # needs only the camera: runs beside the network
-            detail = self.engine.helpers.submit(self._detail, camera, camera_share, sharpen)
+        y_camera = _plane(camera, 0)
+        if self.faces is not None:
+            self.faces.update(y_camera)
+        # the half-size luma guides the chroma planes; it needs only the camera: beside the net
+        half_guide = self.engine.helpers.submit(_half_luma, y_camera)
 
         small_w, small_h = self.size
         planar = self._down.reformat(
@@ -396,66 +429,67 @@ class NeuralSession(EngineSession):
             rows = np.frombuffer(plane, np.float32).reshape(small_h, plane.line_size // 4)
             net_input[channel] = rows[:, :small_w]
         self.stabiliser.denoise(net_input)
+        guide = guided.planar_to_yuv(net_input)[0]
 
         styled = self.engine.networks.stylize(self._input, look.weights, out=self._styled)[0]
         mixed = colour(styled, self._palette, look.grade)
         if strength < 1.0:
             mixed *= strength
             mixed += (1.0 - strength) * net_input
+        if look.effects.active:
+            self.effects.small(mixed, net_input, look.effects)
         self.stabiliser.stabilise(mixed)
 
-        mixed *= np.float32(255.0)
-        mixed += np.float32(0.5)
-        np.clip(mixed, 0.0, 255.0, out=mixed)
-        rgb = np.empty((small_h, small_w, 3), np.uint8)
-        rgb[...] = mixed.transpose(1, 2, 0)
-        output = self._up.reformat(
-            VideoFrame.from_ndarray(rgb, format="rgb24"),
-            width,
-            height,
-            format="yuv420p",
-            interpolation="BILINEAR",
-            threads=1,
-        )
-        if detail is not None:
-            y_out = _plane(output, 0)
-            added = detail.result()
-            added += y_out
-            np.clip(added, 0, 255, out=added)
-            y_out[...] = added
+        yuv = guided.planar_to_yuv(mixed)
+        output = VideoFrame(width, height, "yuv420p")
+        gain, offset = self._fit(guide, yuv[0], luma=True)
+        # the camera's share of the mix keeps all of its detail, the stylised share is cored
+        coring = guided.CORING * strength
+        guided.apply(gain, offset, guide, y_camera, _plane(output, 0), coring)
+        y_half = half_guide.result()
+        for index in (1, 2):
+            gain, offset = self._fit(guide, yuv[index], luma=False)
+            guided.apply(gain, offset, guide, y_half, _plane(output, index), coring)
+        if look.effects.active:
+            self.effects.full(
+                _plane(output, 0), _plane(output, 1), _plane(output, 2), y_camera, look.effects
+            )
         if self.engine.keep_stamp:
             _copy_corner(camera, output)
         return output
 
-    def _detail(self, camera: VideoFrame, camera_share: float, sharpen: float) -> np.ndarray:
-        """The camera luma detail the network never saw, to add to the output's Y (int16).
+    def _fit(
+        self, guide: np.ndarray, target: np.ndarray, luma: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Guided-upsampling coefficients for one plane, with faces protected.
 
-        With d = Y_cam - up(down(Y_cam)): camera_share * d + sharpen * cored(d). The
-        camera's part of the mix gets all of its detail back (at strength 0 the output is
-        the camera), the stylised part only edges: coring drops differences within the
-        noise level, which would bring the sensor noise, and its flicker, back over a
-        stabilised picture. The Y plane is scaled as a plain gray picture: converting
-        yuv420p to "gray" would also stretch video range to full range, a bias as large
-        as the detail.
+        Outside faces: a small window and the engine's structure floor (luma only). Inside
+        (blended by the soft face mask): a window as wide as an eye-to-eye distance, so
+        the face takes the style's colours but not its strokes across eyes and mouth, at
+        least `FACE_STRUCTURE` of the camera's contrast, and `FACE_TEXTURE` of the
+        network's invented texture.
         """
-        self.engine.lower_priority()
-        width, height = self.spec.width, self.spec.height
-        y_cam = _plane(camera, 0)
-        gray = VideoFrame.from_ndarray(np.ascontiguousarray(y_cam), format="gray")
-        small = self._luma_down.reformat(gray, *self.size, interpolation="AREA", threads=1)
-        blurred = self._luma_up.reformat(small, width, height, interpolation="BILINEAR", threads=1)
-        detail = np.subtract(y_cam, _plane(blurred, 0), dtype=np.int16)
-        # 7-bit fixed point: |d| <= 255 and the two gains sum to <= 128, so int16 holds it
-        camera_gain, sharpen_gain = round(camera_share * 128), round(sharpen * 128)
-        if sharpen_gain:
-            cored = detail - np.clip(detail, -DETAIL_CORING, DETAIL_CORING)
-            cored *= np.int16(sharpen_gain)
-            detail *= np.int16(camera_gain)
-            detail += cored
-        else:
-            detail *= np.int16(camera_gain)
-        detail >>= 7
-        return detail
+        height, width = guide.shape
+        floor = self.engine.structure if luma else 0.0
+        gain, offset = guided.fit(guide, target, floor=floor)
+        mask = self.faces.mask(width, height) if self.faces is not None else None
+        if mask is None:
+            return gain, offset
+        face_gain, face_offset = guided.fit(
+            guide,
+            target,
+            radius=max(2, round(FACE_RADIUS * self.faces.widest(width))),
+            floor=max(floor, FACE_STRUCTURE) if luma else 0.0,
+            texture=FACE_TEXTURE,
+        )
+        gain += mask * (face_gain - gain)
+        offset += mask * (face_offset - offset)
+        return gain, offset
+
+
+def _half_luma(y: np.ndarray) -> np.ndarray:
+    """The luma at the chroma planes' size (yuv420p: half each way)."""
+    return cv2.resize(y, (y.shape[1] // 2, y.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
 _niced: set[int] = set()
