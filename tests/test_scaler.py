@@ -13,10 +13,15 @@ from livemorph.engines.base import Controls
 from livemorph.engines.neural.engine import NeuralEngine
 from livemorph.engines.neural.scaler import (
     DOWN_AT,
+    DROPS_DOWN,
     LADDER,
     RETRY_AFTER,
+    SPARE_DOWN,
+    SPARE_UP,
+    START,
     UP_AT,
     WARM_UP_FRAMES,
+    CpuMeter,
     NetworkScaler,
 )
 from livemorph.models import CATALOG
@@ -32,6 +37,13 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class IdleMachine:
+    """A CPU meter that always reads an idle machine."""
+
+    def spare(self) -> float:
+        return 1.0
 
 
 def cost(size: tuple[int, int], per_pixel: float) -> float:
@@ -148,6 +160,8 @@ def test_a_session_steps_up_and_keeps_the_models_size() -> None:
         session.scaler.interval,
         frames_before_up=2,
     )
+    session._resize(session.scaler.size)
+    session.cpu = IdleMachine()  # type: ignore[assignment]
     session.configure(Controls(prompt="anime"))
     camera = VideoFrame.from_ndarray(photo(spec.width, spec.height), format="rgb24")
     sizes = []
@@ -166,3 +180,80 @@ def test_a_fixed_size_option_pins_it() -> None:
     assert session.scaler.sizes == [(320, 176)]
     with pytest.raises(ValueError):
         NeuralEngine("size=321x176")
+
+
+def test_starts_at_the_default_size_with_smaller_ones_below_for_busy_machines() -> None:
+    scaler = NetworkScaler(LADDER, INTERVAL, start=LADDER[START])
+    assert scaler.size == (224, 124) and START > 0
+
+
+def busy_run(
+    scaler: NetworkScaler, ms: float, frames: int, clock: Clock, spare: float, dropped: int = 0
+) -> list[int]:
+    """Frames of a fixed cost (at the current size) with the machine `spare` idle."""
+    indices = []
+    for _ in range(frames):
+        scaler.record(ms / 1000, spare, dropped)
+        clock.now += INTERVAL
+        indices.append(scaler.index)
+    return indices
+
+
+def test_a_busy_machine_holds_the_size_although_the_engine_is_fast() -> None:
+    """Frames cost a tenth of the interval, but the machine (codecs, client, neighbours)
+    has little CPU left: the old rule would climb, the whole-machine rule does not."""
+    clock = Clock()
+    scaler = NetworkScaler(LADDER, INTERVAL, start=LADDER[START], cores=2, clock=clock)
+    indices = busy_run(scaler, 4.0, 1000, clock, spare=SPARE_UP)
+    assert set(indices) == {START}
+    # with room to spare the same frames climb
+    climbed = busy_run(scaler, 4.0, 1000, clock, spare=0.9)
+    assert climbed[-1] > START
+
+
+def test_no_idle_cpu_steps_down_below_the_start() -> None:
+    clock = Clock()
+    scaler = NetworkScaler(LADDER, INTERVAL, start=LADDER[START], cores=2, clock=clock)
+    indices = busy_run(scaler, 10.0, 400, clock, spare=SPARE_DOWN / 2)
+    assert indices[-1] == 0, "down to the smallest size while the machine stays saturated"
+    assert "CPU" in scaler.reason
+
+
+def test_missed_frames_step_down_and_block_the_climb() -> None:
+    clock = Clock()
+    scaler = NetworkScaler(LADDER, INTERVAL, start=LADDER[START], cores=2, clock=clock)
+    # one frame in ten missed: over DROPS_DOWN
+    assert DROPS_DOWN < 0.1
+    indices = []
+    for frame in range(300):
+        scaler.record(0.004, 0.9, 1 if frame % 10 == 0 else 0)
+        clock.now += INTERVAL
+        indices.append(scaler.index)
+    assert indices[-1] < START and "missed" in scaler.reason
+    assert indices == sorted(indices, reverse=True), "never up while frames are missed"
+
+
+def test_cpu_meter_reads_the_machines_idle_share(tmp_path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3\n")
+    meter = CpuMeter(period=0.0, path=str(stat))
+    assert meter.spare() == 1.0  # one reading: no interval yet
+    stat.write_text("cpu  250 0 150 900 0 0 0 0 0 0\n")  # 200 busy, 100 idle ticks since
+    assert meter.spare() == pytest.approx(1 / 3)
+    missing = CpuMeter(path=str(tmp_path / "none"))
+    assert missing.spare() == 1.0
+
+
+def test_a_session_counts_frames_missed_from_camera_timestamps() -> None:
+    import fractions
+
+    engine = NeuralEngine()
+    session = engine.open_session(CATALOG["mirage"])
+    counts = []
+    for pts in (0, 40, 80, 200, 233, 300):  # ms: 200 follows 80 after two missed frames
+        frame = VideoFrame(64, 36, "yuv420p")
+        frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+        counts.append(session._missed(frame))
+    # 233 -> 300 is 67 ms: a 30 fps camera paced to 25 fps, not a miss
+    assert counts == [0, 0, 0, 2, 0, 0]

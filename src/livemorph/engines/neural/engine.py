@@ -53,7 +53,7 @@ from .effects import EffectsRenderer
 from .faces import FaceTracker, load_cascade
 from .look import NUM_STYLES, Grade, Look
 from .networks import StyleNetworks, available_cores
-from .scaler import LADDER, NetworkScaler, Size
+from .scaler import LADDER, START, CpuMeter, NetworkScaler, Size
 from .temporal import Stabiliser
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ STAMP_WIDTH, STAMP_HEIGHT = 368, 48
 #: on a slow 2-core machine, end to end with the client beside the server, 224x124 gave
 #: 18 fps at 141 ms p50 and 256x140 14-15 fps at 165 ms (bench/engine.py --parts e2e),
 #: while a core three times as fast runs 320x176 at 46 fps. Hence `size=auto`.
-DEFAULT_SIZE = LADDER[0]
+DEFAULT_SIZE = LADDER[START]
 #: The least share of the camera's luma contrast the output keeps everywhere (guided.py's
 #: floor): enough that a style which flattens a region still shows what is there.
 DEFAULT_STRUCTURE = 0.15
@@ -181,6 +181,7 @@ class NeuralEngine(Engine):
         self._helpers: ThreadPoolExecutor | None = None
         self._catalog = catalog
         self._style_bank: np.ndarray | None = None
+        self.cpu = CpuMeter()
 
     @property
     def helpers(self) -> ThreadPoolExecutor:
@@ -331,7 +332,12 @@ class NeuralSession(EngineSession):
         self.scaler = NetworkScaler(
             [network_size(spec.width, spec.height, size) for size in engine.sizes],
             interval=1.0 / spec.fps,
+            start=network_size(spec.width, spec.height, DEFAULT_SIZE),
+            cores=available_cores(),
         )
+        #: The machine's idle CPU, shared by the engine's sessions (replaceable in tests).
+        self.cpu: CpuMeter = engine.cpu
+        self._last_time: float | None = None
         self.look: Look | None = None
         self._prompt_look: Look | None = None
         #: The reference image last embedded (held, so identity means "same picture"),
@@ -400,16 +406,31 @@ class NeuralSession(EngineSession):
         if look is None:
             return camera
         output = self._restyle(camera, look)
-        if (size := self.scaler.record(time.perf_counter() - started)) is not None:
+        seconds = time.perf_counter() - started
+        if (size := self.scaler.record(seconds, self.cpu.spare(), self._missed(frame))) is not None:
             logger.info(
-                "network size %dx%d -> %dx%d (frames took %.1f ms of every %.0f ms)",
+                "network size %dx%d -> %dx%d: %s (frames took %.1f ms of every %.0f ms, "
+                "%.0f%% of the CPU idle, %.2f frames missed per frame)",
                 *self.size,
                 *size,
+                self.scaler.reason,
                 1000 * (self.scaler.left_at or 0.0),
                 1000 * self.scaler.interval,
+                100 * self.scaler.spare,
+                self.scaler.drops,
             )
             self._resize(size)
         return output
+
+    def _missed(self, frame: VideoFrame) -> int:
+        """Camera frames missed since the previous one, from the gap in their timestamps:
+        frames the pipeline dropped because the engine was still busy (a 30 fps camera
+        into a 25 fps model leaves gaps under two intervals, which do not count)."""
+        when = frame.time
+        previous, self._last_time = self._last_time, when
+        if when is None or previous is None or when <= previous:
+            return 0
+        return max(0, int((when - previous) * self.spec.fps + 0.25) - 1)
 
     def _restyle(self, camera: VideoFrame, look: Look) -> VideoFrame:
         width, height = self.spec.width, self.spec.height
