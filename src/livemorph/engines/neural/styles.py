@@ -2,14 +2,15 @@
 
 The catalog (`catalog.toml`) describes the 26 built-in styles as they actually render and
 the looks users ask for (anime, watercolor, cyberpunk ...) as blends of them with a colour
-grade. A prompt is embedded with `TextEncoder` and compared with every recipe's name,
-aliases and description, and with the description of each built-in style (so visual words
-like "red and yellow stripes" find the style that looks like that). A strong match uses the
-recipe; a weak one blends the nearest few, so that any text gives its own look. Colour and
-intensity words ("blue", "subtle") then adjust the grade and strength. They are left in
-the text that is matched: on 180 test prompts stripping them first lost 2 matches ("black
-and white film" became "film"), keeping them lost none. Everything is deterministic and
-cached per prompt.
+grade, and image effects (effects.py: line art, cel shading, materials ...) for what no
+style paints. A prompt is embedded with `TextEncoder` and compared with every recipe's
+name, aliases and description, and with the description of each built-in style (so visual
+words like "red and yellow stripes" find the style that looks like that). A strong match
+uses the recipe; a weak one blends the nearest few, so that any text gives its own look.
+Colour and intensity words ("blue", "subtle") then adjust the grade and strength. They are
+left in the text that is matched: on 180 test prompts stripping them first lost 2 matches
+("black and white film" became "film"), keeping them lost none. Everything is
+deterministic and cached per prompt.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import re
 import threading
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
+from .effects import Effects, blend_effects, describe_effects, effects_from_table
 from .look import NUM_STYLES, Grade, Look
 from .text import TextEncoder
 
@@ -61,7 +63,7 @@ class StyleInfo:
 
 @dataclass(frozen=True, slots=True)
 class Recipe:
-    """A named look: a blend of built-in styles, a strength and a colour grade."""
+    """A named look: a blend of built-in styles, a strength, a colour grade and effects."""
 
     name: str
     aliases: tuple[str, ...]
@@ -69,6 +71,7 @@ class Recipe:
     weights: np.ndarray
     strength: float
     grade: Grade
+    effects: Effects = field(default_factory=Effects)
     #: True for one of the 26 built-in styles standing in as a candidate.
     builtin: bool = False
 
@@ -272,11 +275,18 @@ class StyleCatalog:
             total = sum(s for _, s in kept)
             blend = [(r, s / total) for r, s in kept]
         modifiers = self._found_modifiers(text)
-        weights, strength, grade = _combine(blend, modifiers)
+        weights, strength, grade, effects = _combine(blend, modifiers)
         name = " + ".join(r.name for r, _ in blend)
-        description = _describe(text, blend, modifiers, weights, strength, self.styles)
+        description = _describe(text, blend, modifiers, weights, strength, effects, self.styles)
         log.debug("prompt %r -> %s (best %.3f)", text, name, matches[0].score)
-        return Look(weights, strength=strength, grade=grade, name=name, description=description)
+        return Look(
+            weights,
+            strength=strength,
+            grade=grade,
+            effects=effects,
+            name=name,
+            description=description,
+        )
 
 
 _lock = threading.Lock()
@@ -313,6 +323,9 @@ def _recipe(entry: dict) -> Recipe:
     strength = float(entry.get("strength", 1.0))
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"recipe {entry['name']!r}: strength must be in (0, 1]")
+    table = entry.get("effects", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"recipe {entry['name']!r}: effects must be a table")
     return Recipe(
         name=entry["name"],
         aliases=tuple(entry.get("aliases", ())),
@@ -320,6 +333,7 @@ def _recipe(entry: dict) -> Recipe:
         weights=weights,
         strength=strength,
         grade=_grade(entry.get("grade", {})),
+        effects=effects_from_table(table, where=f"recipe {entry['name']!r} effects"),
     )
 
 
@@ -337,8 +351,9 @@ def _modifier(entry: dict) -> Modifier:
 
 def _combine(
     blend: Sequence[tuple[Recipe, float]], modifiers: Sequence[Modifier]
-) -> tuple[np.ndarray, float, Grade]:
-    """Share-weighted average of the recipes, then the modifiers on top."""
+) -> tuple[np.ndarray, float, Grade, Effects]:
+    """Share-weighted average of the recipes, then the modifiers on top (which leave the
+    effects alone); effects blend as `blend_effects` says."""
     weights = np.zeros(NUM_STYLES, dtype=np.float32)
     tint = np.zeros(3, dtype=np.float32)
     strength = saturation = contrast = brightness = 0.0
@@ -363,7 +378,8 @@ def _combine(
         brightness=round(min(max(brightness, -0.3), 0.3), 4),
         tint=_normalised_tint(tint),
     )
-    return weights, round(min(max(strength, 0.15), 1.0), 4), grade
+    effects = blend_effects([(recipe.effects, share) for recipe, share in blend])
+    return weights, round(min(max(strength, 0.15), 1.0), 4), grade, effects
 
 
 def _describe(
@@ -372,6 +388,7 @@ def _describe(
     modifiers: Sequence[Modifier],
     weights: np.ndarray,
     strength: float,
+    effects: Effects,
     styles: Sequence[StyleInfo],
 ) -> str:
     """The enhanced prompt: what the engine will paint, in one sentence."""
@@ -386,4 +403,5 @@ def _describe(
     order = [int(i) for i in np.argsort(-weights, kind="stable") if weights[i] >= 0.005]
     names = {s.index: s.name for s in styles}
     mix = ", ".join(f"{i} {names[i]} at {weights[i]:.0%}" for i in order)
-    return f"{head} (styles: {mix}; strength {strength:.2f})"
+    extras = describe_effects(effects)
+    return f"{head} (styles: {mix}; strength {strength:.2f}{'; ' + extras if extras else ''})"
