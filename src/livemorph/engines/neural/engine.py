@@ -464,9 +464,10 @@ class NeuralSession(EngineSession):
         yuv = guided.planar_to_yuv(mixed)
         output = VideoFrame(width, height, "yuv420p")
         gain, offset = self._fit(guide, yuv[0], luma=True)
+        mask = self.faces.mask(small_w, small_h) if self.faces is not None else None
         # the camera's share of the mix keeps all of its detail, the stylised share is cored
         coring = guided.CORING * strength
-        guided.apply(gain, offset, guide, y_camera, _plane(output, 0), coring)
+        guided.apply(gain, offset, guide, y_camera, _plane(output, 0), coring, keep=mask)
         y_half = half_guide.result()
         for index in (1, 2):
             gain, offset = self._fit(guide, yuv[index], luma=False)

@@ -106,6 +106,7 @@ def apply(
     full: np.ndarray,
     out: np.ndarray,
     coring: float = CORING,
+    keep: np.ndarray | None = None,
 ) -> None:
     """Write the full-size plane: `out` (uint8, H x W) = up(gain * guide + offset) +
     up(gain) * cored(full - up(guide)), rounded and saturated.
@@ -113,7 +114,9 @@ def apply(
     `guide` is the small float32 luma the coefficients were fitted on, `full` the camera
     luma at `out`'s size (uint8). The fine detail the small guide lacks is shrunk towards
     zero by `coring` levels first: differences within the noise level are sensor noise,
-    and bringing them back would make a still picture shimmer.
+    and bringing them back would make a still picture shimmer. Where `keep` (a small
+    float32 mask like `guide`, 0..1) is set, that fine detail is kept instead: in faces,
+    the eyes' and lips' faint lines matter more than a little noise.
     """
     height, width = out.shape
     size = (width, height)
@@ -123,6 +126,23 @@ def apply(
         full, cv2.resize(guide, size, interpolation=cv2.INTER_LINEAR), dtype=cv2.CV_32F
     )
     if coring > 0:
-        detail -= np.clip(detail, -coring, coring)
+        shrunk = np.clip(detail, -coring, coring)
+        detail -= shrunk
+        if keep is not None:
+            _keep_detail(detail, shrunk, keep)
     cv2.multiply(detail, gain_up, dst=detail)
     out[...] = cv2.add(fitted, detail, dtype=cv2.CV_8U)
+
+
+def _keep_detail(detail: np.ndarray, shrunk: np.ndarray, keep: np.ndarray) -> None:
+    """Add back `keep` (upsampled) times the cored part, inside `keep`'s bounding box only."""
+    rows, cols = np.nonzero(keep)
+    if rows.size == 0:
+        return
+    height, width = detail.shape
+    sy, sx = height / keep.shape[0], width / keep.shape[1]
+    y0, y1 = int(rows.min() * sy), min(height, int((rows.max() + 1) * sy))
+    x0, x1 = int(cols.min() * sx), min(width, int((cols.max() + 1) * sx))
+    crop = keep[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    weight = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    detail[y0:y1, x0:x1] += weight * shrunk[y0:y1, x0:x1]
