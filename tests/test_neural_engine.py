@@ -258,3 +258,29 @@ def test_importing_the_registry_does_not_load_onnx_runtime() -> None:
         "assert 'onnxruntime' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fused_network_gives_the_exported_networks_output() -> None:
+    """graph.py rewrites the 18 spelled-out instance norms as single nodes: same pixels."""
+    import onnxruntime as ort
+
+    from livemorph.engines.neural.graph import fuse_instance_norms
+    from livemorph.engines.neural.networks import MULTISTYLE, PREDICT, model_bytes
+
+    original = model_bytes(MULTISTYLE)
+    fused, count = fuse_instance_norms(original)
+    assert count == 18
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    runs = [
+        ort.InferenceSession(m, options, providers=["CPUExecutionProvider"])
+        for m in (original, fused)
+    ]
+    rng = np.random.default_rng(5)
+    image = rng.random((1, 3, 72, 128), dtype=np.float32)
+    weights = rng.dirichlet(np.ones(NUM_STYLES)).astype(np.float32)
+    outputs = [run.run(None, {"image": image, "style_weights": weights})[0] for run in runs]
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-4
+    # a graph without the pattern is left as it is
+    other = model_bytes(PREDICT)
+    assert fuse_instance_norms(other) == (other, 0)

