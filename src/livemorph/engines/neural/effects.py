@@ -606,7 +606,7 @@ class EffectsRenderer:
 
 #: Stone albedo (RGB) and the shading floor (how light the deepest shadow stays).
 _STONE: dict[str, tuple[Triple, float]] = {
-    "marble": ((0.95, 0.93, 0.89), 0.42),
+    "marble": ((0.96, 0.94, 0.90), 0.5),
     "stone": ((0.78, 0.76, 0.72), 0.25),
 }
 #: Paper tooth: the dither's contrast, and how much of it a grain of 1 mixes in.
@@ -618,7 +618,7 @@ _CEL_FLOOR = 0.08
 _BOARD = (0.16, 0.20, 0.18)
 _CHALK_WHITE = 236
 #: The line settings chalk strokes use when the look sets none.
-_CHALK_LINES = Effects(line=1.0, line_width=2.4, line_threshold=0.15)
+_CHALK_LINES = Effects(line=1.0, line_width=3.0, line_threshold=0.15)
 
 
 def _keep(darkness: np.ndarray, amount: float) -> np.ndarray:
@@ -709,7 +709,7 @@ def _marble(shape: tuple[int, int], scale: float) -> np.ndarray:
     thin = np.exp(-np.square(warped / vein_width))
     cloud = np.exp(-np.square(warped / np.float32(0.4)))
     darkness = thin * (np.float32(0.2) + np.float32(0.8) * fade) + np.float32(0.3) * cloud
-    return _to_u8(np.float32(0.22) * darkness)
+    return _to_u8(np.float32(0.18) * darkness)
 
 
 def _stone(shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -820,11 +820,11 @@ _RAMPS = {
     ),
     "bronze": _make_ramp(
         [
-            (0.0, (0.06, 0.03, 0.01)),
-            (0.3, (0.30, 0.15, 0.06)),
-            (0.6, (0.62, 0.38, 0.16)),
-            (0.82, (0.88, 0.64, 0.34)),
-            (1.0, (1.0, 0.93, 0.78)),
+            (0.0, (0.05, 0.02, 0.01)),
+            (0.3, (0.25, 0.12, 0.05)),
+            (0.6, (0.60, 0.36, 0.15)),
+            (0.8, (0.92, 0.68, 0.36)),
+            (1.0, (1.0, 0.95, 0.82)),
         ]
     ),
     "gold": _make_ramp(
