@@ -4,17 +4,28 @@
     python bench/engine.py --parts network transform        # some of them
     python bench/engine.py --parts e2e --engines neural neural:nice=0 neural:threads=2
     python bench/engine.py --parts step --client stock --seconds 45 --repeat 5
+    python bench/engine.py --parts trace --prompt "oil painting" --seconds 30
 
 Parts:
-- `network`: multistyle26 alone at each internal size, for each ONNX Runtime setting
-  (variants interleaved round by round, so a neighbour's load hits them all alike: on a
-  shared machine trust the ratios more than the milliseconds).
-- `transform`: the whole `transform` at 1280x704 output for each internal size (network
-  vs the rest), then what each step costs and what each speed-up buys, interleaved.
-- `detail`: how much of the camera's luma detail sharpens the output, and its cost.
+- `network`: multistyle26 alone at each size of the scaler's ladder, for each ONNX Runtime
+  setting (variants interleaved round by round, so a neighbour's load hits them all alike:
+  on a shared machine trust the ratios more than the milliseconds).
+- `transform`: the whole `transform` at 1280x704 output (the astronaut, face kept) for each
+  network size of the ladder (network vs the rest); then each step's cost at 224x124: the
+  swscale down-conversion, the network, colour, the guided fit and apply for luma and for
+  chroma, face tracking and detection, the stabiliser (wall ms of the engine's own calls,
+  wrapped where it looks them up, its helper work run inline so every step is timed in one
+  thread); then whole-transform variants: helpers inline, `faces=0`, `structure=0`,
+  `stabilise=0`, no colour grade.
+- `faces`: what face protection buys: the astronaut with her whole face under each of the 26
+  styles (one-hot, strength 0.9, the 8th frame of a still camera), for the default engine,
+  `faces=0` and `faces=0,structure=0`: whether a face detector the engine does not use
+  (scikit-image's LBP cascade) finds the face in the output, the correlation of Sobel
+  gradient magnitude between output and camera luma in the face, mean |output - camera|
+  and mean |style a - style b| (the styles must stay distinct).
 - `flicker`: a still photo with fresh sensor-like noise in every frame: mean absolute
-  change between consecutive outputs with and without stabilisation; and a moving square:
-  the stabiliser must not leave a trail or soften its edge.
+  change between consecutive outputs of the default engine and of `stabilise=0`; and a
+  moving square: the stabiliser must not leave a trail or soften its edge.
 - `match`: photos rendered in built-in style i, used as reference images: how often the
   style embedding finds style i again; and what arbitrary_transform would cost per frame.
 - `e2e`: through a real `livemorph serve` on this machine, one and two sessions at the
@@ -32,6 +43,19 @@ Parts:
   p95, the p50 of the run's first, middle and last third and last / first (creep), time to
   first frame (run 1 includes loading the engine), CPU, and the network sizes the scaler
   went through; then the median over the runs.
+- `trace`: where the CPU goes per frame in the whole server process, one session at
+  1280x704, 25 fps, on one core (this process pinned to the idlest): receiving the camera's
+  RTP (SRTP, parse, depayload), aiortc's VP8 decoder on frames our encoder made of the
+  astronaut panning with noise, fit_frame, each engine step (as in `transform`, with the
+  look of `--prompt`, effects included), our VP8 encoder, its packetisation and the RTP
+  send (serialise, SRTP); each step's median ms and share of the 40 ms interval, the sum,
+  and the sum as CPU per second of video. Then a real `livemorph serve` at the same network
+  size with one SDK session fed the same frames and prompt (`--seconds`, default 20): the
+  server process's CPU seconds per delivered frame next to the trace's sum, so what the
+  trace leaves out (asyncio, RTCP, jitter buffers, sockets, DTLS) shows as the difference.
+
+Engines are pinned to the scaler's start size (224x124) except in `e2e` and `step` and
+the per-size comparison: `size=auto` climbs after 50 frames on an idle machine.
 
 The e2e part's latency needs the stamp that bench/latency.py's source draws in the top-left
 368x48 px; a restyling engine paints over it, so for e2e the server runs with
@@ -44,17 +68,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
 import re
 import statistics
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 from av import VideoFrame
@@ -73,14 +102,19 @@ from latency import (
 )
 from livemorph import create_client
 from livemorph.engines.neural import engine as neural
+from livemorph.engines.neural import faces as faces_module
+from livemorph.engines.neural import guided
 from livemorph.engines.neural.look import NUM_STYLES, Grade, Look
 from livemorph.engines.neural.networks import available_cores, model_bytes, session_options
+from livemorph.engines.neural.scaler import LADDER, START
 from livemorph.engines.neural.styles import apply_grade
-from livemorph.engines.neural.temporal import Stabiliser
+from livemorph.media.encoder import RealtimeVp8Encoder
 from livemorph.models import CATALOG
 
-SIZES = [(224, 124), (256, 140), (320, 176), (384, 208), (384, 224), (448, 256)]
+SIZES = list(LADDER)
 OUTPUT = CATALOG["mirage"]
+#: This process's cores when it started (the trace pins it to one for a while).
+_AFFINITY = os.sched_getaffinity(0)
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -161,6 +195,159 @@ class Inline:
         future.set_result(fn(*args))
         return future
 
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+#: The network size every session starts at (scaler.py). The parts below pin it: with
+#: `size=auto` a session may climb to larger sizes after 50 frames on an idle machine.
+START_SIZE = LADDER[START]
+PINNED = f"size={START_SIZE[0]}x{START_SIZE[1]}"
+
+
+def engine_with(
+    options: str = "", shared: neural.NeuralEngine | None = None, inline: bool = False
+) -> neural.NeuralEngine:
+    """An engine at the start size (unless `options` names one) with `options`, on
+    `shared`'s loaded networks if given; `inline`: its helper work (face detection, the
+    chroma guide) runs in the calling thread instead of beside the network."""
+    engine = neural.NeuralEngine(",".join(filter(None, (PINNED, options))))
+    if shared is not None:
+        engine._networks = shared.networks
+    if inline:
+        engine._helpers = Inline()  # type: ignore[assignment]
+    return engine
+
+
+def face_photo(width: int, height: int) -> np.ndarray:
+    """The astronaut photo cropped to keep her whole face (`astronaut()[:281]`, about the
+    aspect of 1280x704) and scaled to `width` x `height` (cv2 INTER_AREA): RGB uint8."""
+    from skimage.data import astronaut
+
+    return cv2.resize(astronaut()[:281], (width, height), interpolation=cv2.INTER_AREA)
+
+
+class StepTimes:
+    """Wall ms of named steps, per frame, taken by wrappers around the calls.
+
+    A step's time leaves out the wrapped steps it calls (exclusive time), so the steps of
+    a frame add up to the outermost call. `frame()` closes a frame, `discard()` drops it.
+    Not thread-safe: wrap only what runs in one thread.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, float]] = []
+        self.order: list[str] = []
+        self._current: dict[str, float] = {}
+        self._children: list[float] = []
+
+    def wrap(self, name: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._children.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = (time.perf_counter() - start) * 1000
+                own = elapsed - self._children.pop()
+                if self._children:
+                    self._children[-1] += elapsed
+                step = name if isinstance(name, str) else name(*args, **kwargs)
+                if step not in self.order:
+                    self.order.append(step)
+                self._current[step] = self._current.get(step, 0.0) + own
+
+        return timed
+
+    def frame(self) -> None:
+        self.frames.append(self._current)
+        self._current = {}
+
+    def discard(self) -> None:
+        self._current = {}
+
+    def per_frame(self) -> dict[str, tuple[float, str]]:
+        """Each step's median ms per frame, in the order steps first finished, with a note.
+
+        A step that ran in under half the frames (face detection) counts the median of its
+        runs times the share of frames it ran in, rather than a median of mostly zeros.
+        """
+        count = len(self.frames)
+        result = {}
+        for step in self.order:
+            runs = [frame[step] for frame in self.frames if step in frame]
+            if 2 * len(runs) >= count:
+                values = [frame.get(step, 0.0) for frame in self.frames]
+                result[step] = (statistics.median(values), "")
+            else:
+                share = len(runs) / count
+                result[step] = (statistics.median(runs) * share, f"ran in {len(runs)}/{count}")
+        return result
+
+    def frame_totals(self) -> list[float]:
+        return [sum(frame.values()) for frame in self.frames]
+
+
+@contextlib.contextmanager
+def instrumented(
+    session: neural.NeuralSession, steps: StepTimes
+) -> Iterator[Callable[[VideoFrame], VideoFrame]]:
+    """`session.transform`, with each of its steps timed into `steps` while inside.
+
+    The engine's own calls are wrapped where they are looked up (module globals, the
+    session's objects), so the real code runs in its real order. The engine should run its
+    helper work inline (`engine_with(inline=True)`): the wrappers time one thread.
+    """
+    width, height = session.spec.width, session.spec.height
+
+    def guided_plane(*args: Any, **kwargs: Any) -> str:
+        # session._fit(guide, target, luma=...) or guided.apply(gain, offset, guide, full, out)
+        if "luma" in kwargs:
+            return "guided fit: luma" if kwargs["luma"] else "guided fit: chroma (U, V)"
+        full = args[4].shape == (height, width)
+        return "guided apply: luma" if full else "guided apply: chroma (U, V)"
+
+    names: list[tuple[object, str, str | Callable[..., str]]] = [
+        (neural, "fit_frame", "fit_frame (camera to the output size)"),
+        (neural, "_half_luma", "chroma guide: camera luma at half size"),
+        (guided, "planar_to_yuv", "planar RGB -> YUV at the network's size (x2)"),
+        (neural, "colour", "colour (palette, grade) at the network's size"),
+        (session.stabiliser, "denoise", "stabiliser: input denoise"),
+        (session.stabiliser, "stabilise", "stabiliser: output blend"),
+        (session.engine.networks, "stylize", "network {}x{}"),
+        (session.effects, "small", "effects at the network's size"),
+        (session.effects, "full", "effects at full size"),
+        (session, "_fit", guided_plane),
+        (guided, "apply", guided_plane),
+    ]
+    if session.faces is not None:
+        names += [
+            (session.faces, "update", "face tracking (FaceTracker.update)"),
+            (faces_module, "detect", f"face detection (Haar, 1 frame in {faces_module.EVERY})"),
+        ]
+    down = session._down
+    with contextlib.ExitStack() as stack:
+        for target, attribute, name in names:
+            if isinstance(name, str) and "{}" in name:
+                name = name.format(*session.size)
+            wrapped = steps.wrap(name, getattr(target, attribute))
+            stack.enter_context(mock.patch.object(target, attribute, wrapped))
+        reformat = steps.wrap("swscale down-conversion (yuv420p -> planar float)", down.reformat)
+        stack.enter_context(
+            mock.patch.object(session, "_down", types.SimpleNamespace(reformat=reformat))
+        )
+        yield steps.wrap("the rest of transform (mix, copies, frame, scaler)", session.transform)
+
+
+def print_steps(steps: StepTimes, interval_ms: float | None = None, indent: str = "    ") -> float:
+    """Each step's median ms (and its share of `interval_ms`), then their sum; returns it."""
+    rows = steps.per_frame()
+    total = sum(ms for ms, _ in rows.values())
+    for name, (ms, note) in [*rows.items(), ("sum of the medians", (total, ""))]:
+        share = f" {100 * ms / interval_ms:6.1f}%" if interval_ms else ""
+        print(f"{indent}{name:<54} {ms:7.2f} ms{share}  {note}", flush=True)
+    return total
+
 
 # -- network ---------------------------------------------------------------------------
 
@@ -229,56 +416,83 @@ def part_network(args: argparse.Namespace) -> None:
 
 
 def part_transform(args: argparse.Namespace) -> None:
-    print(f"\n## transform at {OUTPUT.width}x{OUTPUT.height} output: median ms", flush=True)
-    frame = yuv_frame(photo(OUTPUT.width, OUTPUT.height))
-    for width, height in SIZES:
-        engine = neural.NeuralEngine(f"size={width}x{height}")
-        network_ms: list[float] = []
+    print(
+        f"\n## transform at {OUTPUT.width}x{OUTPUT.height} output (the astronaut, face kept; "
+        "style 13, strength 0.9, a grade): median ms, interleaved",
+        flush=True,
+    )
+    frame = yuv_frame(face_photo(OUTPUT.width, OUTPUT.height))
+    print("  per network size (each its own engine and runtime):")
+    variants: dict[str, Callable[[], object]] = {}
+    network_ms: dict[str, list[float]] = {}
+    engines = []
+    for width, height in LADDER:
+        name = f"{width}x{height}"
+        engine = engine_with(f"size={name}")
+        engines.append(engine)
+        network_ms[name] = []
         stylize = engine.networks.stylize
-
-        def timed_stylize(
-            *a: Any, _stylize: Any = stylize, _ms: list[float] = network_ms, **kw: Any
-        ) -> Any:
-            start = time.perf_counter()
-            result = _stylize(*a, **kw)
-            _ms.append((time.perf_counter() - start) * 1000)
-            return result
-
-        engine.networks.stylize = timed_stylize  # type: ignore[method-assign]
-        session = session_for(engine, test_look())
-        session.transform(frame)
-        network_ms.clear()
-        total = statistics.median(timed(functools.partial(session.transform, frame), args.rounds))
-        network = statistics.median(network_ms)
-        engine.close()
+        engine.networks.stylize = functools.partial(  # type: ignore[method-assign]
+            _timed_call, stylize, network_ms[name]
+        )
+        variants[name] = functools.partial(session_for(engine, test_look()).transform, frame)
+    medians = interleaved(variants, args.rounds)
+    for name, total in medians.items():
+        network = statistics.median(network_ms[name])
         print(
-            f"  network {width}x{height}: transform {total:6.1f} ms ({1000 / total:5.1f} fps), "
+            f"    network {name:>7}: transform {total:6.1f} ms ({1000 / total:5.1f} fps), "
             f"network {network:6.1f} ms, the rest {total - network:5.1f} ms",
             flush=True,
         )
+    for engine in engines:
+        engine.close()
 
-    print("  each step at the default size (all variants share one runtime; interleaved):")
-    main = neural.NeuralEngine()
+    main = engine_with()
+    steps = StepTimes()
+    session = session_for(engine_with(shared=main, inline=True), test_look())
+    with instrumented(session, steps) as transform:
+        for index in range(args.rounds + 2):
+            transform(frame)
+            if index >= 2:
+                steps.frame()
+            else:
+                steps.discard()
+    print(
+        f"  each step at {START_SIZE[0]}x{START_SIZE[1]}, helper work inline (so each step's "
+        f"time is its CPU time), {len(steps.frames)} frames:"
+    )
+    print_steps(steps)
+    sums = statistics.median(steps.frame_totals())
+    print(f"    {'median of the per-frame sums':<54} {sums:7.2f} ms")
 
-    def variant(options: str, look: Look, serial: bool = False) -> Callable[[], object]:
-        engine = neural.NeuralEngine(options)
-        engine._networks = main.networks
-        if serial:
-            engine._helpers = Inline()  # type: ignore[assignment]
-        return functools.partial(session_for(engine, look).transform, frame)
-
+    print("  variants (one runtime shared; interleaved):")
     report(
         interleaved(
             {
-                "full transform (chosen)": variant("", test_look()),
-                "... detail layer serial, not beside the net": variant("", test_look(), True),
-                "... without the detail layer": variant("detail=0", test_look(strength=1.0)),
-                "... without the stabiliser": variant("stabilise=0", test_look()),
-                "... without a colour grade": variant("", test_look(grade=Grade())),
+                "default": functools.partial(
+                    session_for(engine_with(shared=main), test_look()).transform, frame
+                ),
+                "... helpers inline, not beside the network": functools.partial(
+                    session_for(engine_with(shared=main, inline=True), test_look()).transform,
+                    frame,
+                ),
+                "... faces=0 (no face protection)": functools.partial(
+                    session_for(engine_with("faces=0", main), test_look()).transform, frame
+                ),
+                "... structure=0 (no structure floor)": functools.partial(
+                    session_for(engine_with("structure=0", main), test_look()).transform, frame
+                ),
+                "... stabilise=0": functools.partial(
+                    session_for(engine_with("stabilise=0", main), test_look()).transform, frame
+                ),
+                "... without a colour grade": functools.partial(
+                    session_for(engine_with(shared=main), test_look(grade=Grade())).transform,
+                    frame,
+                ),
             },
             args.rounds,
         ),
-        base="full transform (chosen)",
+        base="default",
     )
 
     print("  camera (1280x704 yuv420p) -> network input (224x124 planar float):")
@@ -320,37 +534,121 @@ def part_transform(args: argparse.Namespace) -> None:
             args.rounds,
         )
     )
+    main.close()
 
 
-# -- detail ----------------------------------------------------------------------------
+def _timed_call(fn: Callable[..., Any], times: list[float], *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        times.append((time.perf_counter() - start) * 1000)
 
 
-def part_detail(args: argparse.Namespace) -> None:
-    print("\n## camera detail over the stylised picture (default network size)", flush=True)
-    frame = yuv_frame(photo(OUTPUT.width, OUTPUT.height))
-    camera_y = luma(frame)
+# -- faces -----------------------------------------------------------------------------
 
-    def sharpness(y: np.ndarray) -> float:
-        return float(np.abs(np.diff(y, axis=1)).mean() + np.abs(np.diff(y, axis=0)).mean())
+#: The astronaut's face in `face_photo` at 1280x704, (x0, y0, x1, y1): hairline to chin,
+#: cheek to cheek, read off the camera picture (the hair above and the ears beside left out).
+FACE_BOX = (440, 190, 700, 450)
+#: The check detector's input size.
+CHECK_SIZE = (640, 352)
+FACE_VARIANTS = {"default": "", "faces=0": "faces=0", "faces=0,structure=0": "faces=0,structure=0"}
 
-    print(f"  camera sharpness (mean |gradient| of Y): {sharpness(camera_y):5.2f}")
-    shared = neural.NeuralEngine()
-    variants = {}
-    outputs = {}
-    for amount in (0.0, 0.15, 0.3, 0.5, 1.0):
-        engine = neural.NeuralEngine(f"stabilise=0,detail={amount}")
-        engine._networks = shared.networks
-        session = session_for(engine, test_look(strength=1.0))
-        outputs[amount] = luma(session.transform(frame))
-        variants[f"detail {amount:4.2f}"] = functools.partial(session.transform, frame)
-    medians = interleaved(variants, args.rounds)
-    for amount, y in outputs.items():
-        name = f"detail {amount:4.2f}"
+
+class FaceCheck:
+    """A face detector the engine does not use: scikit-image's LBP frontal-face cascade on
+    the picture's grey (its luma) at `CHECK_SIZE`; a face counts as found only when a
+    detection's centre lies in `FACE_BOX`."""
+
+    def __init__(self) -> None:
+        from skimage import data, feature
+
+        self._cascade = feature.Cascade(data.lbp_frontal_face_cascade_filename())
+
+    def centres(self, y: np.ndarray) -> list[tuple[float, float]]:
+        """Detections' centres, in the full picture's pixels, of a luma plane (float)."""
+        grey = cv2.resize(y, CHECK_SIZE, interpolation=cv2.INTER_AREA)
+        grey = np.clip((grey - 16.0) / 219.0, 0.0, 1.0)  # video range -> 0..1
+        found = self._cascade.detect_multi_scale(
+            img=grey, scale_factor=1.2, step_ratio=1, min_size=(60, 60), max_size=(300, 300)
+        )
+        sx, sy = y.shape[1] / CHECK_SIZE[0], y.shape[0] / CHECK_SIZE[1]
+        return [((d["c"] + d["width"] / 2) * sx, (d["r"] + d["height"] / 2) * sy) for d in found]
+
+    def finds_face(self, y: np.ndarray) -> bool:
+        x0, y0, x1, y1 = FACE_BOX
+        return any(x0 <= cx <= x1 and y0 <= cy <= y1 for cx, cy in self.centres(y))
+
+
+def gradient_magnitude(y: np.ndarray) -> np.ndarray:
+    return cv2.magnitude(cv2.Sobel(y, cv2.CV_32F, 1, 0), cv2.Sobel(y, cv2.CV_32F, 0, 1))
+
+
+def part_faces(args: argparse.Namespace) -> None:
+    x0, y0, x1, y1 = FACE_BOX
+    print(
+        f"\n## faces: the astronaut under each of the {NUM_STYLES} styles (one-hot, strength "
+        f"0.9, the 8th frame of a still camera): does a face detector the engine does not use "
+        f"(skimage LBP cascade, {CHECK_SIZE[0]}x{CHECK_SIZE[1]} grey) find the face; Sobel "
+        f"gradient-magnitude correlation with the camera's luma in the face (x {x0}-{x1}, "
+        f"y {y0}-{y1}); mean |RGB output - camera| over the frame",
+        flush=True,
+    )
+    camera = yuv_frame(face_photo(OUTPUT.width, OUTPUT.height))
+    camera_y = luma(camera)
+    camera_rgb = camera.to_ndarray(format="rgb24").astype(np.int16)
+    camera_gradient = gradient_magnitude(camera_y)[y0:y1, x0:x1].ravel()
+    check = FaceCheck()
+    centres = ", ".join(f"({cx:.0f}, {cy:.0f})" for cx, cy in check.centres(camera_y))
+    print(
+        f"  the camera picture: face found {check.finds_face(camera_y)} (detections centred "
+        f"at {centres or 'nowhere'})"
+    )
+    shared = engine_with()
+    rows: dict[str, list[tuple[bool, float, float]]] = {}
+    between: dict[str, float] = {}
+    for name, options in FACE_VARIANTS.items():
+        engine = engine_with(options, shared)
+        results, outputs = [], []
+        for index in range(NUM_STYLES):
+            session = session_for(engine, Look(one_hot(index), strength=0.9, name=f"{index}"))
+            for _ in range(8):
+                output = session.transform(camera)
+            y = luma(output)
+            rgb = output.to_ndarray(format="rgb24").astype(np.int16)
+            correlation = np.corrcoef(gradient_magnitude(y)[y0:y1, x0:x1].ravel(), camera_gradient)
+            results.append(
+                (
+                    check.finds_face(y),
+                    float(correlation[0, 1]),
+                    float(np.abs(rgb - camera_rgb).mean()),
+                )
+            )
+            outputs.append(rgb)
+        engine.close()
+        rows[name] = results
+        between[name] = float(
+            np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(outputs, 2)])
+        )
+    print("  style " + "".join(f"{name:>22}" for name in rows))
+    print("        " + "  found  grad r  |o-c|" * len(rows))
+    for index in range(NUM_STYLES):
+        cells = "".join(
+            f"   {'yes' if found else ' - '}    {r:5.2f}  {mad:5.1f}"
+            for found, r, mad in (rows[name][index] for name in rows)
+        )
+        print(f"  {index:5d} {cells}", flush=True)
+    for name, results in rows.items():
+        correlations = [r for _, r, _ in results]
         print(
-            f"  {name}: sharpness {sharpness(y):5.2f}, mean |Y - camera Y| "
-            f"{np.abs(y - camera_y).mean():5.1f}, transform {medians[name]:5.1f} ms",
+            f"  {name:<20} face found in {sum(f for f, _, _ in results):2d} of {NUM_STYLES} "
+            f"styles; gradient r in the face median {statistics.median(correlations):4.2f} "
+            f"(min {min(correlations):4.2f}); |output - camera| mean "
+            f"{np.mean([m for _, _, m in results]):5.1f}; between styles mean "
+            f"{between[name]:5.1f}",
             flush=True,
         )
+    shared.close()
 
 
 # -- flicker ---------------------------------------------------------------------------
@@ -370,46 +668,34 @@ def flicker(frames: list[np.ndarray]) -> float:
     return float(np.mean([np.abs(a - b).mean() for a, b in itertools.pairwise(frames)]))
 
 
-STABILISERS: dict[str, Callable[[], Stabiliser]] = {
-    "no stabilisation": lambda: Stabiliser(hold=0.0, denoise=0.0),
-    "input denoise only": lambda: Stabiliser(hold=0.0),
-    "output blend only": lambda: Stabiliser(denoise=0.0),
-    "both (chosen)": Stabiliser,
-}
+FLICKER_ENGINES = {"stabilise=0": "stabilise=0", "default (stabilised)": ""}
 
 
 def part_flicker(args: argparse.Namespace) -> None:
     print("\n## flicker of a still scene: mean |change| of Y between consecutive outputs")
-    engine = neural.NeuralEngine()
+    shared = engine_with()
+    engines = {name: engine_with(options, shared) for name, options in FLICKER_ENGINES.items()}
     for sigma in (2.0, 4.0):
         frames = noisy_still(24, sigma)
         print(
             f"  sensor noise sigma {sigma:g} (RGB levels); camera itself "
             f"{flicker([luma(f) for f in frames]):5.2f}"
         )
-        for detail in (0.0, engine.detail):
-            engine.detail = detail
-            results = {}
-            for name, make in STABILISERS.items():
-                session = session_for(engine, test_look())
-                session.stabiliser = make()
-                outputs = [luma(session.transform(f)) for f in frames]
-                results[name] = flicker(outputs[4:])  # once the running average settled
-            base = results["no stabilisation"]
-            for name, value in results.items():
-                print(
-                    f"    detail {detail:.2f}, {name:<20} {value:5.2f}  x{value / base:.2f}",
-                    flush=True,
-                )
-        engine.detail = neural.DEFAULT_DETAIL
+        results = {}
+        for name, engine in engines.items():
+            session = session_for(engine, test_look())
+            outputs = [luma(session.transform(f)) for f in frames]
+            results[name] = flicker(outputs[4:])  # once the running average settled
+        base = results["stabilise=0"]
+        for name, value in results.items():
+            print(f"    {name:<22} {value:5.2f}  x{value / base:.2f}", flush=True)
 
     side, step, top = 96, 16, 300
     print(f"  a {side} px square moving {step} px a frame: |stabilised - not| (Y levels)")
     base_rgb = photo(OUTPUT.width, OUTPUT.height)
     outputs: dict[str, list[np.ndarray]] = {}
-    for name in ("no stabilisation", "both (chosen)"):
+    for name, engine in engines.items():
         session = session_for(engine, test_look())
-        session.stabiliser = STABILISERS[name]()
         outputs[name] = []
         for index in range(12):
             rgb = base_rgb.copy()
@@ -419,7 +705,7 @@ def part_flicker(args: argparse.Namespace) -> None:
     rows = slice(top + 8, top + side - 8)
     for index in range(2, 12):
         x = 200 + index * step
-        on, off = outputs["both (chosen)"][index], outputs["no stabilisation"][index]
+        on, off = outputs["default (stabilised)"][index], outputs["stabilise=0"][index]
         difference = np.abs(on - off)
         trail.append(difference[rows, x - step : x].mean())
         lead.append(difference[rows, x + side - step : x + side].mean())
@@ -431,6 +717,9 @@ def part_flicker(args: argparse.Namespace) -> None:
         f"{np.mean(lead):5.2f}; its inside {np.mean(inside):5.2f}; leading edge step "
         f"{np.mean(edge_on):5.1f} vs {np.mean(edge_off):5.1f} unstabilised"
     )
+    for engine in engines.values():
+        engine.close()
+    shared.close()
 
 
 # -- reference-image matching ----------------------------------------------------------
@@ -846,14 +1135,306 @@ def part_step(args: argparse.Namespace) -> None:
             )
 
 
+# -- trace -----------------------------------------------------------------------------
+
+
+def moving_camera(count: int, width: int, height: int, seed: int = 5) -> list[np.ndarray]:
+    """`count` yuv420p arrays of `face_photo` panning 1 px a frame (and half that down),
+    back and forth, with fresh sensor-like noise (sigma 2) in each: a person in front of a
+    hand-held camera, for as long as it is cycled without a jump."""
+    scene = face_photo(width + count // 2, height + count // 4).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    frames = []
+    for index in range(count):
+        step = index if index < count // 2 else count - index
+        crop = scene[step // 2 : step // 2 + height, step : step + width]
+        noise = rng.standard_normal(crop.shape, np.float32) * 2.0
+        frames.append(
+            yuv_frame(np.clip(crop + noise, 0, 255).round().astype(np.uint8)).to_ndarray()
+        )
+    return frames
+
+
+class CameraSource(MediaStreamTrack):
+    """Pre-rendered yuv420p arrays, cycled at `fps` (paced like SteppedSource)."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[np.ndarray], fps: float) -> None:
+        super().__init__()
+        self.fps = fps
+        self._frames = frames
+        self._start: float | None = None
+        self._slot = -1
+        self.sent = 0
+
+    async def recv(self) -> VideoFrame:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        slot = max(self._slot + 1, int((now - self._start) * self.fps))
+        due = self._start + slot / self.fps
+        if due > now:
+            await asyncio.sleep(due - now)
+        self._slot = slot
+        frame = VideoFrame.from_ndarray(self._frames[slot % len(self._frames)], format="yuv420p")
+        frame.pts, frame.time_base = round(slot * 90000 / self.fps), VIDEO_TIME_BASE
+        self.sent += 1
+        return frame
+
+
+def idlest_core() -> int:
+    """The core of this process's set that was idlest over the last half second."""
+
+    def idle() -> dict[int, int]:
+        lines = Path("/proc/stat").read_text().splitlines()
+        return {
+            int(fields[0][3:]): int(fields[4]) + int(fields[5])
+            for fields in (line.split() for line in lines)
+            if fields[0].startswith("cpu") and fields[0] != "cpu"
+        }
+
+    before = idle()
+    time.sleep(0.5)
+    after = idle()
+    allowed = os.sched_getaffinity(0)
+    return max(allowed, key=lambda core: after.get(core, 0) - before.get(core, 0))
+
+
+def pin_process(cores: set[int]) -> None:
+    """Every thread of this process (and those it starts later) onto `cores`."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cores)
+
+
+class Srtp:
+    """A pair of SRTP sessions with a fresh key, as aiortc sets them up after DTLS
+    (its first profile, a replay window of 1024), and RTP packets of one stream."""
+
+    def __init__(self, ssrc: int) -> None:
+        import pylibsrtp
+        from aiortc.rtcdtlstransport import SRTP_PROFILES
+
+        profile = SRTP_PROFILES[0]
+        key = os.urandom(profile.key_length + profile.salt_length)
+        policies = []
+        for kind in (pylibsrtp.Policy.SSRC_ANY_OUTBOUND, pylibsrtp.Policy.SSRC_ANY_INBOUND):
+            policy = pylibsrtp.Policy(key=key, ssrc_type=kind, srtp_profile=profile.libsrtp_profile)
+            policy.allow_repeat_tx = True
+            policy.window_size = 1024
+            policies.append(policy)
+        self.profile = profile.openssl_profile.decode()
+        self.tx, self.rx = (pylibsrtp.Session(policy) for policy in policies)
+        self.ssrc = ssrc
+        self.sequence = 0
+
+    def send(self, payloads: list[bytes], timestamp: int) -> list[bytes]:
+        """What an RTCRtpSender does per frame: RTP packets, serialised, SRTP-protected
+        (without the header extensions, the history for retransmission and the socket)."""
+        from aiortc.rtp import RtpPacket
+
+        protected = []
+        for index, payload in enumerate(payloads):
+            packet = RtpPacket(
+                payload_type=96,
+                marker=int(index == len(payloads) - 1),
+                sequence_number=self.sequence,
+                timestamp=timestamp,
+                ssrc=self.ssrc,
+                payload=payload,
+            )
+            self.sequence = (self.sequence + 1) & 0xFFFF
+            protected.append(self.tx.protect(packet.serialize()))
+        return protected
+
+    def receive(self, packets: list[bytes]) -> bytes:
+        """What the receiving end does per frame, up to the decoder: SRTP unprotect, RTP
+        parse, VP8 depayload, the frame's data joined (without the jitter buffer)."""
+        from aiortc.codecs.vpx import vp8_depayload
+        from aiortc.rtp import RtpPacket
+
+        return b"".join(
+            vp8_depayload(RtpPacket.parse(self.rx.unprotect(packet)).payload) for packet in packets
+        )
+
+
+def part_trace(args: argparse.Namespace) -> None:
+    from aiortc.codecs import vpx
+    from aiortc.jitterbuffer import JitterFrame
+
+    cores = available_cores()
+    spec = OUTPUT
+    interval = 1000.0 / spec.fps
+    warm = 24  # camera frames decoded before the trace starts (after the keyframe)
+    settle = 25  # frames traced but not counted: buffers, the encoders' rate control settle
+    frames = moving_camera(48, spec.width, spec.height)
+    count = max(2 * len(frames), warm + settle + args.rounds)
+    # the camera as the SDK sends it: our encoder at aiortc's top bitrate (a local link
+    # reaches it); the server's output encoder is the same class at the same rate
+    camera_encoder = RealtimeVp8Encoder()
+    camera_encoder.target_bitrate = vpx.MAX_BITRATE
+    encoded = []
+    for index in range(count):
+        frame = VideoFrame.from_ndarray(frames[index % len(frames)], format="yuv420p")
+        frame.pts, frame.time_base = round(index * 90000 / spec.fps), VIDEO_TIME_BASE
+        encoded.append(camera_encoder.encode(frame, force_keyframe=index == 0))
+    sizes = [sum(len(p) for p in payloads) for payloads, _ in encoded[warm + settle :]]
+    packets = [len(payloads) for payloads, _ in encoded[warm + settle :]]
+
+    core = idlest_core()
+    print(
+        f"\n## trace: the whole server's work per frame for one session, {spec.width}x"
+        f"{spec.height} at {spec.fps} fps, on one core (this process pinned to cpu {core}; "
+        "helper work inline): median ms per frame, share of the "
+        f"{interval:.0f} ms interval",
+        flush=True,
+    )
+    engine = engine_with(inline=True)
+    look = engine.look_for(args.prompt, True)
+    session = engine.open_session(spec)
+    session.look = session._prompt_look = look
+    camera_link, output_link = Srtp(ssrc=1111), Srtp(ssrc=2222)
+    print(
+        f"  look {look.name!r} for the prompt {args.prompt!r} (effects "
+        f"{'on' if look.effects.active else 'off'}), network {session.size[0]}x"
+        f"{session.size[1]}; camera: {len(frames)} frames of the astronaut panning with noise, "
+        f"VP8 at {vpx.MAX_BITRATE / 1e6:g} Mbit/s, median {statistics.median(sizes) / 1000:.1f}"
+        f" kB and {statistics.median(packets):g} packets a frame; SRTP {camera_link.profile}",
+        flush=True,
+    )
+    decoder = vpx.Vp8Decoder()
+    for payloads, timestamp in encoded[:warm]:
+        decoder.decode(JitterFrame(b"".join(vpx.vp8_depayload(p) for p in payloads), timestamp))
+    encoder = RealtimeVp8Encoder()
+    encoder.target_bitrate = vpx.MAX_BITRATE
+    steps = StepTimes()
+    receive = steps.wrap("RTP in: SRTP unprotect, RTP parse, VP8 depayload", camera_link.receive)
+    decode = steps.wrap("VP8 decode (aiortc Vp8Decoder: libvpx)", decoder.decode)
+    encode = steps.wrap("VP8 encode (RealtimeVp8Encoder: libvpx)", encoder.encode)
+    send = steps.wrap("RTP out: RTP packets, serialise, SRTP protect", output_link.send)
+    output_sizes = []
+    pin_process({core})
+    try:
+        with (
+            instrumented(session, steps) as transform,
+            mock.patch.object(
+                encoder, "_packetize", steps.wrap("VP8 packetise", encoder._packetize)
+            ),
+        ):
+            for index in range(settle + args.rounds):
+                payloads, timestamp = encoded[warm + index]
+                wire = camera_link.send(payloads, timestamp)  # the client's side: not timed
+                (frame,) = decode(JitterFrame(receive(wire), timestamp))
+                output = transform(frame)
+                output.pts, output.time_base = round(index * 90000 / spec.fps), VIDEO_TIME_BASE
+                out_payloads, out_timestamp = encode(output)
+                send(out_payloads, out_timestamp)
+                output_sizes.append(sum(len(p) for p in out_payloads))
+                if index >= settle:
+                    steps.frame()
+                else:
+                    steps.discard()
+    finally:
+        pin_process(_AFFINITY)
+        engine.close()
+    total = print_steps(steps, interval, indent="    ")
+    per_second = total * spec.fps / 1000
+    print(
+        f"    {'median of the per-frame sums':<54} {statistics.median(steps.frame_totals()):7.2f}"
+        f" ms; output VP8 median {statistics.median(output_sizes[settle:]) / 1000:.1f} kB a frame"
+    )
+    print(
+        f"  CPU per second of video at {spec.fps} fps: {per_second:.2f} core-seconds, "
+        f"{100 * per_second / cores:.0f}% of the machine's {cores} cores",
+        flush=True,
+    )
+
+    seconds = args.seconds or 20.0
+    engine_spec = f"neural:{PINNED}"
+    print(
+        f"  the real server (livemorph serve --engine {engine_spec}), one session from our SDK "
+        f"with the same camera frames and prompt, {seconds:g} s after {args.warmup:g} s warm-up:",
+        flush=True,
+    )
+    os.environ.pop(neural.KEEP_STAMP_ENV, None)  # the whole frame goes through the engine
+    with livemorph_server(engine_spec, fast=True, log_level="info") as server:
+        run = asyncio.run(_server_run(server, frames, args.prompt, seconds, args.warmup))
+    ms_per_frame = 1000 * run["server_cpu"] / run["delivered"]
+    # the trace at the run's rates: every camera frame is received and decoded, the rest
+    # runs once per delivered frame
+    rows = steps.per_frame()
+    inbound = sum(ms for name, (ms, _) in rows.items() if name.startswith(("RTP in", "VP8 dec")))
+    predicted = (inbound * run["sent"] + (total - inbound) * run["delivered"]) / run["span"]
+    used = run["server_cpu"] / run["span"]
+    print(
+        f"    delivered {run['delivered'] / run['span']:5.1f} fps (camera sent "
+        f"{run['sent'] / run['span']:5.1f}); server process {ms_per_frame:6.1f} ms CPU per "
+        f"delivered frame, {run['server_cpu'] / run['span']:.2f} cores ("
+        f"{100 * run['server_cpu'] / run['span'] / cores:.0f}% of {cores}); client "
+        f"{run['client_cpu'] / run['span']:.2f}, anything else "
+        f"{run['others_cpu'] / run['span']:.2f} cores",
+        flush=True,
+    )
+    print(
+        f"    the trace's sum {total:6.1f} ms per frame = {100 * total / ms_per_frame:.0f}% of "
+        f"the server's CPU per delivered frame; at the run's rates it predicts "
+        f"{predicted / 1000:.2f} cores, {100 * predicted / 1000 / used:.0f}% of what the server "
+        "used",
+        flush=True,
+    )
+
+
+async def _server_run(
+    server: LiveServer, frames: list[np.ndarray], prompt: str, seconds: float, warmup: float
+) -> dict[str, float]:
+    """One SDK session for `warmup` + `seconds` after its first frame: CPU seconds of the
+    server, this process and everything else, frames delivered and sent, in the window."""
+    source = CameraSource(frames, OUTPUT.fps)
+    link = await through_server(server, OUTPUT.name, prompt)(source)
+
+    def sample() -> tuple[float, float, float, float, int]:
+        return (
+            time.monotonic(),
+            process_cpu_seconds(server.process.pid),
+            process_cpu_seconds(os.getpid()),
+            machine_busy_seconds(),
+            source.sent,
+        )
+
+    try:
+        await asyncio.wait_for(link.track.recv(), timeout=60)
+        window_start = time.monotonic() + warmup
+        while time.monotonic() < window_start:
+            await asyncio.wait_for(link.track.recv(), timeout=10)
+        start, delivered = sample(), 0
+        while time.monotonic() < start[0] + seconds:
+            await asyncio.wait_for(link.track.recv(), timeout=10)
+            delivered += 1
+        end = sample()
+    finally:
+        source.stop()
+        await link.close()
+    server_cpu, client_cpu, machine = (end[i] - start[i] for i in (1, 2, 3))
+    return {
+        "span": end[0] - start[0],
+        "delivered": delivered,
+        "sent": end[4] - start[4],
+        "server_cpu": server_cpu,
+        "client_cpu": client_cpu,
+        "others_cpu": machine - server_cpu - client_cpu,
+    }
+
+
 PARTS = {
     "network": part_network,
     "transform": part_transform,
-    "detail": part_detail,
+    "faces": part_faces,
     "flicker": part_flicker,
     "match": part_match,
     "e2e": part_e2e,
     "step": part_step,
+    "trace": part_trace,
 }
 
 
@@ -865,10 +1446,12 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["neural"], help="e2e, step: engine specs")
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 2], help="e2e: counts")
     parser.add_argument(
-        "--seconds", type=float, help="e2e, step: measured seconds (default 15, step 60)"
+        "--seconds",
+        type=float,
+        help="e2e, step, trace: measured seconds (default 15, step 60, trace's server run 20)",
     )
     parser.add_argument(
-        "--warmup", type=float, default=3.0, help="e2e, step: seconds ignored first"
+        "--warmup", type=float, default=3.0, help="e2e, step, trace: seconds ignored first"
     )
     parser.add_argument(
         "--client",
@@ -877,7 +1460,7 @@ def main() -> None:
         default=list(STEP_CLIENTS),
         help="step: the published decart==0.0.30 client, our SDK, or both in turn",
     )
-    parser.add_argument("--prompt", default="anime", help="step: the session's prompt")
+    parser.add_argument("--prompt", default="anime", help="step, trace: the session's prompt")
     parser.add_argument("--repeat", type=int, default=3, help="step: runs per client")
     args = parser.parse_args()
     print(f"cores: {available_cores()}, onnxruntime {ort.__version__}", flush=True)
