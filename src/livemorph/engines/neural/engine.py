@@ -437,8 +437,6 @@ class NeuralSession(EngineSession):
         width, height = self.spec.width, self.spec.height
         strength = float(np.clip(look.strength, 0.0, 1.0))
         y_camera = _plane(camera, 0)
-        if self.faces is not None:
-            self.faces.update(y_camera)
         # the half-size luma guides the chroma planes; it needs only the camera: beside the net
         half_guide = self.engine.helpers.submit(_half_luma, y_camera)
 
@@ -452,6 +450,8 @@ class NeuralSession(EngineSession):
             net_input[channel] = rows[:, :small_w]
         self.stabiliser.denoise(net_input)
         guide = guided.planar_to_yuv(net_input)[0]
+        if self.faces is not None:
+            self.faces.update(guide)
 
         styled = self.engine.networks.stylize(self._input, look.weights, out=self._styled)[0]
         mixed = colour(styled, self._palette, look.grade)

@@ -9,7 +9,8 @@ size.
   `opencv-python-headless` 4.x), on the camera luma scaled to `DETECT_WIDTH` pixels wide.
   That finds faces from about 1/12 of the frame's width up and costs about 11 ms, too
   much for every frame, so it runs every `EVERY` frames on a helper thread, beside the
-  network, and its answer is used when it is ready.
+  network, and its answer is used when it is ready. Its input is the network's own input
+  picture, scaled to that width: no extra pass over the full frame.
 - Tracking: between detections each face is followed by normalised cross-correlation of
   its last detected patch in a window around where it was (`cv2.matchTemplate` at the
   detection scale, about 0.1 ms a face), so a moving head keeps its mask.
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 CASCADE = "haarcascade_frontalface_default.xml"
 #: The camera luma is scaled to this width for detection and tracking.
 DETECT_WIDTH = 256
-#: Frames between two detections (25 fps: five a second).
-EVERY = 5
+#: Frames between two detections (25 fps: about three a second; tracking fills the gaps).
+EVERY = 8
 #: Detections a face may be missed before it is dropped (while tracking still holds it).
 HOLD = 3
 #: A track whose best correlation falls under this is lost.
@@ -93,10 +94,14 @@ class FaceTracker:
         self._mask_key = None
 
     def update(self, luma: np.ndarray) -> None:
-        """Take in one camera frame's full-size luma (uint8, H x W)."""
+        """Take in one camera frame's luma, at any size (uint8, or float in 0..255): the
+        engine passes the network's input, already small, so this costs no downscale."""
         height, width = luma.shape
         small_h = max(1, round(DETECT_WIDTH * height / width))
-        gray = cv2.resize(luma, (DETECT_WIDTH, small_h), interpolation=cv2.INTER_AREA)
+        shrink = cv2.INTER_AREA if width > DETECT_WIDTH else cv2.INTER_LINEAR
+        gray = cv2.resize(luma, (DETECT_WIDTH, small_h), interpolation=shrink)
+        if gray.dtype != np.uint8:
+            gray = cv2.convertScaleAbs(gray)
         if self._pending is not None and self._pending.done():
             boxes = self._pending.result() if self._pending.exception() is None else []
             self._merge(boxes, self._pending_gray if self._pending_gray is not None else gray)
