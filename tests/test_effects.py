@@ -100,6 +100,8 @@ def _edges(camera_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_effects_are_off_by_default() -> None:
     assert not Effects().active
     assert Effects(line=0.5).active and Effects(material="marble").active
+    assert not Effects(line_width=3.0, cel_softness=0.9, material_strength=0.5).active
+    assert not Effects(material="marble", material_strength=0.0).active
     assert describe_effects(Effects()) == ""
     assert "marble material" in describe_effects(Effects(material="marble"))
     assert Look(np.full(26, 1 / 26, np.float32)).effects == Effects()
@@ -131,6 +133,8 @@ def test_inactive_effects_leave_frames_untouched(photo: np.ndarray) -> None:
         ({"lift": [0.1, 0.1]}, "lift needs three values"),
         ({"line_width": 20}, "line_width must be in"),
         ({"monochrome": True}, "monochrome = True is not a valid value"),
+        ({"gain": ["1", 1, 1]}, "gain = \\['1', 1, 1\\] is not a valid value"),
+        ({"material": 3}, "material = 3 is not a valid value"),
     ],
 )
 def test_bad_effects_are_refused_with_the_key_named(table: dict, message: str) -> None:

@@ -125,8 +125,19 @@ class Effects:
 
     @property
     def active(self) -> bool:
-        """Whether any effect is on (the engine skips both passes otherwise)."""
-        return self != _OFF
+        """Whether any effect is on (the engine skips both passes otherwise); settings
+        that only shape an effect (line_width, cel_softness ...) turn nothing on."""
+        return bool(
+            self.line > 0
+            or self.cel
+            or self.tone
+            or self.monochrome > 0
+            or self.paper_colour != (1.0, 1.0, 1.0)
+            or self.grain > 0
+            or self.paper > 0
+            or self.screentone > 0
+            or (self.material and self.material_strength > 0)
+        )
 
     @property
     def tone(self) -> bool:
@@ -145,35 +156,37 @@ AMOUNTS = ("line", "monochrome", "grain", "paper", "screentone", "material_stren
 
 
 def effects_from_table(table: dict[str, object], where: str = "effects") -> Effects:
-    """An `Effects` from a TOML table, with errors that name the bad key."""
-    known = {f.name: f for f in fields(Effects)}
+    """An `Effects` from a TOML table, with errors that name the bad key.
+
+    Per-channel settings (lift, gamma, gain, paper_colour) take one number or three."""
+    known = [f.name for f in fields(Effects)]
     values: dict[str, object] = {}
     for key, raw in table.items():
         if key not in known:
             raise ValueError(f"{where}: unknown effect {key!r} (known: {', '.join(known)})")
         default = getattr(_OFF, key)
-        try:
-            if isinstance(default, tuple):
-                items = [raw] * 3 if isinstance(raw, int | float) else list(raw)  # type: ignore[call-overload]
-                values[key] = tuple(float(v) for v in items)
-            elif isinstance(default, str):
-                if not isinstance(raw, str):
-                    raise TypeError
-                values[key] = raw
-            elif isinstance(default, int) and not isinstance(default, bool):
-                if isinstance(raw, bool) or not isinstance(raw, int):
-                    raise TypeError
-                values[key] = raw
-            else:
-                if isinstance(raw, bool) or not isinstance(raw, int | float):
-                    raise TypeError
-                values[key] = float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: {key} = {raw!r} is not a valid value") from None
+        value: object = None
+        if isinstance(default, tuple):
+            items = [raw] * 3 if _is_number(raw) else raw
+            if isinstance(items, list) and all(_is_number(v) for v in items):
+                value = tuple(float(v) for v in items)  # type: ignore[arg-type]
+        elif isinstance(default, str):
+            value = raw if isinstance(raw, str) else None
+        elif isinstance(default, int):
+            value = raw if _is_number(raw) and isinstance(raw, int) else None
+        elif _is_number(raw):
+            value = float(raw)  # type: ignore[arg-type]
+        if value is None:
+            raise ValueError(f"{where}: {key} = {raw!r} is not a valid value")
+        values[key] = value
     try:
         return Effects(**values)  # type: ignore[arg-type]
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def blend_effects(parts: list[tuple[Effects, float]]) -> Effects:
