@@ -1,9 +1,12 @@
-"""Render the contact sheet in the README: one photo under a dozen prompts and two images.
+"""Render the contact sheet in the README: one photo under 24 prompts and two images.
 
     python scripts/contact_sheet.py [--out docs/contact-sheet.jpg] [--model mirage]
 
 It drives the same engine a session uses (the model's default engine, or --engine), on
-scikit-image's astronaut photo, through the Engine seam: configure, then transform.
+scikit-image's astronaut photo, through the Engine seam: configure, then transform. Each
+tile is a fresh session (so tiles do not depend on their order: a session's network size
+steps up after a while) and is labelled with its prompt and the look the engine chose.
+Half of the prompts use the catalog's own words, half are phrased the way people type.
 """
 
 from __future__ import annotations
@@ -19,47 +22,102 @@ from skimage import data
 from livemorph.engines import Controls, EngineRegistry
 from livemorph.media.frames import center_crop
 
+#: Prompts that are a recipe's name in catalog.toml ...
+CATALOG_WORDS = (
+    "anime",
+    "cartoon",
+    "manga",
+    "line art",
+    "ink drawing",
+    "pencil sketch",
+    "charcoal drawing",
+    "watercolor painting",
+    "oil painting",
+    "Van Gogh starry night",
+    "ukiyo-e woodblock",
+    "cyberpunk neon city",
+)
+#: ... and prompts in words of their own (no recipe's name or alias).
+OWN_WORDS = (
+    "Studio Ghibli animation style",
+    "1950s comic book",
+    "soft watercolor of a garden",
+    "a sunny Monet garden",
+    "neon synthwave",
+    "black and white detective movie",
+    "subtle blue underwater",
+    "a marble statue in a museum",
+    "carved from grey granite",
+    "made of polished bronze",
+    "a shiny chrome robot",
+    "drawn in chalk on a blackboard",
+)
+#: The order on the sheet: looks that are easily confused side by side.
 PROMPTS = (
     "anime",
     "Studio Ghibli animation style",
-    "cyberpunk neon city",
-    "watercolor painting",
-    "Lego world",
-    "oil painting",
+    "cartoon",
+    "1950s comic book",
+    "manga",
+    "line art",
+    "ink drawing",
     "pencil sketch",
+    "charcoal drawing",
+    "watercolor painting",
+    "soft watercolor of a garden",
+    "oil painting",
     "Van Gogh starry night",
-    "pop art comic book",
-    "ukiyo-e woodblock print",
-    "vintage sepia film",
+    "a sunny Monet garden",
+    "ukiyo-e woodblock",
+    "cyberpunk neon city",
+    "neon synthwave",
+    "black and white detective movie",
     "subtle blue underwater",
+    "a marble statue in a museum",
+    "carved from grey granite",
+    "made of polished bronze",
+    "a shiny chrome robot",
+    "drawn in chalk on a blackboard",
 )
+assert sorted(PROMPTS) == sorted(CATALOG_WORDS + OWN_WORDS)
 REFERENCES = {"image: coffee": data.coffee, "image: Hubble deep field": data.hubble_deep_field}
 TILE = (400, 220)
-LABEL = 26
+LABEL = 44
+#: A rendered tile: the picture and the name of the look the engine chose.
+Tile = tuple[np.ndarray, str]
 COLUMNS = 4
 
 
-def render(engine_session, frame: VideoFrame, controls: Controls, settle: int = 4) -> np.ndarray:
-    """The engine's output for `controls`, after a few frames (temporal filters settle)."""
-    engine_session.configure(controls)
-    output = None
-    for _ in range(settle):
-        output = engine_session.transform(frame)
-    assert output is not None
-    return output.to_ndarray(format="rgb24")
+def render(engine, spec, frame: VideoFrame, controls: Controls, settle: int = 4) -> Tile:
+    """A fresh session's output for `controls` after a few frames (temporal filters
+    settle), and the name of the look it chose."""
+    session = engine.open_session(spec)
+    try:
+        session.configure(controls)
+        output = None
+        for _ in range(settle):
+            output = session.transform(frame)
+        assert output is not None
+        look = getattr(session, "look", None)
+        return output.to_ndarray(format="rgb24"), getattr(look, "name", "")
+    finally:
+        session.close()
 
 
-def sheet(tiles: list[tuple[str, np.ndarray]]) -> Image.Image:
+def sheet(tiles: list[tuple[str, Tile]]) -> Image.Image:
     rows = -(-len(tiles) // COLUMNS)
     width, height = TILE
     canvas = Image.new("RGB", (COLUMNS * width, rows * (height + LABEL)), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=18)
-    for index, (label, rgb) in enumerate(tiles):
+    small = ImageFont.load_default(size=14)
+    for index, (label, (rgb, look)) in enumerate(tiles):
         row, column = divmod(index, COLUMNS)
         x, y = column * width, row * (height + LABEL)
         canvas.paste(Image.fromarray(rgb).resize(TILE, Image.LANCZOS), (x, y + LABEL))
         draw.text((x + 6, y + 3), label, fill="black", font=font)
+        if look:
+            draw.text((x + 6, y + 25), f"-> {look}", fill=(90, 90, 90), font=small)
     return canvas
 
 
@@ -71,13 +129,12 @@ def main() -> None:
     args = parser.parse_args()
 
     spec, engine = EngineRegistry(args.engine).resolve(args.model)
-    session = engine.open_session(spec)
     photo = center_crop(data.astronaut(), spec.width / spec.height)
     frame = VideoFrame.from_ndarray(np.ascontiguousarray(photo), format="rgb24")
-    tiles = [("camera (astronaut)", render(session, frame, Controls(), settle=1))]
-    tiles += [(prompt, render(session, frame, Controls(prompt=prompt))) for prompt in PROMPTS]
+    tiles = [("camera (astronaut)", render(engine, spec, frame, Controls(), settle=1))]
+    tiles += [(p, render(engine, spec, frame, Controls(prompt=p))) for p in PROMPTS]
     tiles += [
-        (label, render(session, frame, Controls(image=load())))
+        (label, render(engine, spec, frame, Controls(image=load())))
         for label, load in REFERENCES.items()
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
