@@ -173,14 +173,21 @@ def test_bad_catalog_entries_are_refused(catalog: StyleCatalog, effects: str, me
 
 def test_blends_weigh_amounts_and_take_the_leaders_settings() -> None:
     sketch = Effects(line=1.0, line_width=2.0, grain=0.5, monochrome=1.0)
-    statue = Effects(material="marble", material_strength=1.0)
-    cel = Effects(cel=4, cel_softness=0.1, line=0.5, line_width=1.0)
+    statue = Effects(material="marble", material_strength=0.9, paper_colour=(1.0, 0.9, 0.8))
+    cel = Effects(cel=4, cel_softness=0.1, line=0.5, line_width=1.0, curve=0.5, lift=(0.5,) * 3)
     blended = blend_effects([(sketch, 0.5), (statue, 0.3), (cel, 0.2)])
-    assert blended.line == pytest.approx(0.6)
-    assert blended.line_width == 2.0  # the leading recipe with lines
-    assert blended.grain == pytest.approx(0.25) and blended.monochrome == pytest.approx(0.5)
-    assert blended.material == "marble" and blended.material_strength == pytest.approx(0.3)
-    assert blended.cel == 4 and blended.cel_softness == 0.1
+    assert blended.line == pytest.approx(0.6) and blended.grain == pytest.approx(0.25)
+    assert blended.curve == pytest.approx(0.1) and blended.lift == pytest.approx((0.1,) * 3)
+    assert blended.gamma == (1.0, 1.0, 1.0)
+    assert blended.line_width == 2.0  # from the leading recipe with lines
+    assert blended.cel == 4 and blended.cel_softness == 0.1  # from the only one with bands
+    # what the picture is made of comes whole from the leading recipe
+    assert blended.monochrome == 1.0 and blended.material == ""
+    assert blended.paper_colour == (1.0, 1.0, 1.0)
+    carved = blend_effects([(sketch, 0.3), (statue, 0.45), (cel, 0.25)])
+    assert carved.material == "marble" and carved.material_strength == 0.9
+    assert carved.monochrome == 0.0 and carved.paper_colour == (1.0, 0.9, 0.8)
+    assert carved.line == pytest.approx(0.425)
     assert blend_effects([(sketch, 1.0)]) is sketch
     assert blend_effects([(Effects(), 0.6), (Effects(), 0.4)]) == Effects()
 
@@ -434,6 +441,25 @@ def test_recipes_reach_the_effects(catalog: StyleCatalog) -> None:
     assert anime.line > ghibli.line and anime.cel and anime.cel_softness < ghibli.cel_softness
     described = catalog.look_for("a marble statue").description
     assert "marble material" in described
+
+
+def test_blended_looks_take_what_they_are_made_of_from_their_leader(
+    catalog: StyleCatalog,
+) -> None:
+    blended = 0
+    for prompt in ["a doodle", "graffiti", "statue of a knight", "happy birthday party"]:
+        look = catalog.look_for(prompt)
+        names = look.name.split(" + ")
+        if len(names) == 1:
+            continue
+        blended += 1
+        leader = catalog.recipe(names[0]).effects if not names[0].startswith("style ") else None
+        if leader is not None:
+            assert look.effects.material == leader.material, prompt
+            assert look.effects.monochrome == leader.monochrome, prompt
+        # a minor share never whitens the picture: line art's lift is weighed, not taken
+        assert max(look.effects.lift) <= 0.5, prompt
+    assert blended >= 2
 
 
 def test_anime_and_ghibli_render_differently(

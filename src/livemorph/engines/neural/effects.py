@@ -57,7 +57,7 @@ class Effects:
     #: Line art from the camera's luma (extended difference of Gaussians): how dark the
     #: lines are, 0 (none) .. 1 (black ink); 0.5 draws grey pencil lines.
     line: float = 0.0
-    #: Line width: the inner Gaussian's sigma, in pixels of a 704-line frame (0.5 .. 4).
+    #: Line width: the inner Gaussian's sigma, in pixels of a 704-line frame (0.25 .. 8).
     line_width: float = 1.0
     #: 0..1: higher keeps only the stronger edges.
     line_threshold: float = 0.5
@@ -151,8 +151,12 @@ class Effects:
 
 
 _OFF = Effects()
-#: The fields that are amounts (0 means off) and blend linearly between recipes.
-AMOUNTS = ("line", "monochrome", "grain", "paper", "screentone", "material_strength", "curve")
+#: The fields that are amounts and blend linearly between recipes (the tone curve's per
+#: channel too: a recipe without one counts as lift 0, gamma 1, gain 1).
+AMOUNTS = ("line", "grain", "paper", "screentone", "curve")
+TRIPLES = ("lift", "gamma", "gain")
+#: What a blend takes whole from its leading recipe: what the picture is made of.
+FROM_LEADER = ("material", "material_strength", "monochrome", "paper_colour")
 
 
 def effects_from_table(table: dict[str, object], where: str = "effects") -> Effects:
@@ -192,43 +196,36 @@ def _is_number(value: object) -> bool:
 def blend_effects(parts: list[tuple[Effects, float]]) -> Effects:
     """Effects for a blend of recipes (shares summing to 1).
 
-    Amounts (`AMOUNTS`) are share-weighted, so a look that is a third pencil sketch gets a
-    third of its lines. Settings that only shape an effect (line width, cel bands, the
-    material, the paper colour) come from the recipe with the largest share among those
-    that use that effect; the material's strength counts only the recipes of that material.
+    What the picture is made of (`FROM_LEADER`: the material, monochrome, the paper's
+    colour) comes whole from the recipe with the largest share: half a marble statue or
+    half a monochrome is no look anyone asked for. Amounts (`AMOUNTS`, `TRIPLES`) are
+    share-weighted, so a look that is a third pencil sketch gets a third of its lines and
+    of its lift; the settings that shape an effect (line width, cel bands) come from the
+    recipe with the largest share among those that use it.
     """
     if not parts:
         return _OFF
     if len(parts) == 1:
         return parts[0][0]
-    values: dict[str, object] = {name: 0.0 for name in AMOUNTS}
-    for effects, share in parts:
-        for name in AMOUNTS:
-            if name != "material_strength":
-                values[name] = values[name] + share * getattr(effects, name)  # type: ignore[operator]
+    first = max(parts, key=lambda pair: pair[1])[0]
+    values: dict[str, object] = {name: getattr(first, name) for name in FROM_LEADER}
+    for name in AMOUNTS:
+        values[name] = round(sum(share * getattr(e, name) for e, share in parts), 4)
+    for name in TRIPLES:
+        values[name] = tuple(
+            round(sum(share * getattr(e, name)[c] for e, share in parts), 4) for c in range(3)
+        )
 
-    def leader(uses: str) -> Effects | None:
-        users = [(e, s) for e, s in parts if _uses(e, uses)]
+    def leader(uses: Callable[[Effects], bool]) -> Effects | None:
+        users = [(e, s) for e, s in parts if uses(e)]
         return max(users, key=lambda pair: pair[1])[0] if users else None
 
-    if (lines := leader("line")) is not None:
+    if (lines := leader(lambda e: e.line > 0)) is not None:
         for name in ("line_width", "line_threshold", "line_fill"):
             values[name] = getattr(lines, name)
-    if (cel := leader("cel")) is not None:
+    if (cel := leader(lambda e: e.cel > 0)) is not None:
         values.update(cel=cel.cel, cel_softness=cel.cel_softness, cel_flatten=cel.cel_flatten)
-    if (tone := leader("tone")) is not None:
-        values.update(lift=tone.lift, gamma=tone.gamma, gain=tone.gain)
-    if (paper := leader("paper")) is not None:
-        values["paper_colour"] = paper.paper_colour
-    if (material := leader("material")) is not None:
-        values["material"] = material.material
-        values["material_strength"] = sum(
-            s * e.material_strength for e, s in parts if e.material == material.material
-        )
-    else:
-        values["material_strength"] = 1.0
-    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
-    return Effects(**rounded)  # type: ignore[arg-type]
+    return Effects(**values)  # type: ignore[arg-type]
 
 
 def describe_effects(effects: Effects) -> str:
@@ -253,18 +250,6 @@ def describe_effects(effects: Effects) -> str:
     if effects.tone:
         parts.append("tone curve")
     return "effects: " + ", ".join(parts) if parts else ""
-
-
-def _uses(effects: Effects, what: str) -> bool:
-    if what == "line":
-        return effects.line > 0
-    if what == "cel":
-        return effects.cel > 0
-    if what == "tone":
-        return effects.tone
-    if what == "paper":
-        return effects.paper_colour != (1.0, 1.0, 1.0)
-    return effects.material != ""
 
 
 # -- rendering ------------------------------------------------------------------------
@@ -311,11 +296,12 @@ class EffectsRenderer:
 
     Cost per frame on one core of the 2-core development VM (timeit, best of 5 x 30 on
     the astronaut photo; 320x176 network, 1280x704 output), `small` / `full` in ms:
-    line art 0.02 / 2.0 (the same with fill), cel shading 0.9 / 0, tone curve 0.5 / 0,
+    line art 0.02 / 1.7 (the same with fill), cel shading 0.9 / 0, tone curve 0.5 / 0,
     monochrome and paper colour 0.1 / 0, grain 0 / 0.4, paper 0 / 0.2, screentone
-    0 / 0.3, marble and stone 0.7 / 2.1, metals 0.8 / 2.1, chalk 0.8 / 3.4; whole
-    recipes: anime 1.0 / 2.2, studio ghibli 1.2 / 2.4, manga 1.1 / 2.5, charcoal
-    0.3 / 2.9. Making a size's textures the first time costs up to ~70 ms (marble).
+    0 / 0.25, marble, stone and metals 0.7 / 2.1, chalk 0.7 / 2.8; whole recipes: anime
+    0.9 / 1.8, studio ghibli 1.1 / 1.9, manga 0.9 / 2.0, comic book 0.9 / 2.2, charcoal
+    0.3 / 2.4. `small` grows with the network's pixels (cel shading 1.5 ms at 448x248).
+    Making a size's textures the first time costs up to ~70 ms (marble), once per process.
     """
 
     def __init__(self, output_size: tuple[int, int], network_size: tuple[int, int]) -> None:
