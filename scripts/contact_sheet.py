@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw, ImageFont
 from skimage import data
 
 from livemorph.engines import Controls, EngineRegistry
-from livemorph.media.frames import center_crop
 
 #: Prompts that are a recipe's name in catalog.toml ...
 CATALOG_WORDS = (
@@ -129,7 +128,9 @@ def main() -> None:
     args = parser.parse_args()
 
     spec, engine = EngineRegistry(args.engine).resolve(args.model)
-    photo = center_crop(data.astronaut(), spec.width / spec.height)
+    # cropped from the top, as a webcam frames a person: the whole face in view
+    astronaut = data.astronaut()
+    photo = astronaut[: round(astronaut.shape[1] * spec.height / spec.width)]
     frame = VideoFrame.from_ndarray(np.ascontiguousarray(photo), format="rgb24")
     tiles = [("camera (astronaut)", render(engine, spec, frame, Controls(), settle=1))]
     tiles += [(p, render(engine, spec, frame, Controls(prompt=p))) for p in PROMPTS]
