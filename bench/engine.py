@@ -101,6 +101,7 @@ from latency import (
     measure,
 )
 from livemorph import create_client
+from livemorph.engines.base import Controls
 from livemorph.engines.neural import engine as neural
 from livemorph.engines.neural import faces as faces_module
 from livemorph.engines.neural import guided
@@ -649,6 +650,53 @@ def part_faces(args: argparse.Namespace) -> None:
             flush=True,
         )
     shared.close()
+    held_out_prompts(camera, check)
+
+
+#: Prompts in words of their own (the contact sheet's second half): never used to tune the
+#: face protection, which was set on the 26 one-hot styles above.
+HELD_OUT = (
+    "Studio Ghibli animation style",
+    "1950s comic book",
+    "soft watercolor of a garden",
+    "a sunny Monet garden",
+    "neon synthwave",
+    "black and white detective movie",
+    "subtle blue underwater",
+    "a marble statue in a museum",
+    "carved from grey granite",
+    "made of polished bronze",
+    "a shiny chrome robot",
+    "drawn in chalk on a blackboard",
+)
+
+
+def held_out_prompts(camera: VideoFrame, check: FaceCheck) -> None:
+    """The same check on the 12 held-out prompts, through the prompt catalog and effects."""
+    x0, y0, x1, y1 = FACE_BOX
+    camera_gradient = gradient_magnitude(luma(camera))[y0:y1, x0:x1].ravel()
+    print("\n  held-out prompts (catalog, effects and all), default engine vs faces=0:")
+    found = {"default": 0, "faces=0": 0}
+    for prompt in HELD_OUT:
+        cells = []
+        for name, options in (("default", ""), ("faces=0", "faces=0")):
+            engine = engine_with(options)
+            session = engine.open_session(OUTPUT)
+            session.configure(Controls(prompt=prompt))
+            for _ in range(8):
+                output = session.transform(camera)
+            y = luma(output)
+            hit = check.finds_face(y)
+            found[name] += hit
+            r = np.corrcoef(gradient_magnitude(y)[y0:y1, x0:x1].ravel(), camera_gradient)[0, 1]
+            cells.append(f"{name} {'yes' if hit else ' - '} r {r:4.2f}")
+            engine.close()
+        print(f"    {prompt:<34} {'   '.join(cells)}", flush=True)
+    print(
+        f"  held-out prompts: face found in {found['default']} of {len(HELD_OUT)} with the "
+        f"default engine, {found['faces=0']} with faces=0",
+        flush=True,
+    )
 
 
 # -- flicker ---------------------------------------------------------------------------
