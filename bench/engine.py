@@ -1131,7 +1131,7 @@ async def _step_run(server: LiveServer, client: str, args: argparse.Namespace) -
         thirds[min(2, int(3 * (t0 - window_start) / max(seconds - STEP_HOLD_S, 1e-3)))].append(ms)
     medians = [_percentile(third, 50) for third in thirds]
     all_ms = [ms for _, ms in kept]
-    sizes = re.findall(r"network size (\d+x\d+) -> (\d+x\d+)", server.log[log_start:])
+    sizes = re.findall(r"network size (\d+x\d+) -> (\d+x\d+): ([^(]+?) \(", server.log[log_start:])
     return StepRun(
         fps=sum(window_start <= t < deadline for t, _ in arrivals) / seconds,
         first_frame_s=first - started,
@@ -1145,7 +1145,7 @@ async def _step_run(server: LiveServer, client: str, args: argparse.Namespace) -
         server_cpu=server_cpu,
         client_cpu=client_cpu,
         others_cpu=machine - server_cpu - client_cpu,
-        sizes=" -> ".join([sizes[0][0], *(b for _, b in sizes)]) if sizes else "",
+        sizes=" -> ".join([sizes[0][0], *(f"{b} ({why})" for _, b, why in sizes)]) if sizes else "",
     )
 
 

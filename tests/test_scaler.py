@@ -257,3 +257,15 @@ def test_a_session_counts_frames_missed_from_camera_timestamps() -> None:
         counts.append(session._missed(frame))
     # 233 -> 300 is 67 ms: a 30 fps camera paced to 25 fps, not a miss
     assert counts == [0, 0, 0, 2, 0, 0]
+
+
+def test_one_hiccup_does_not_cost_a_size() -> None:
+    """A burst after a network or client stall drops two frames once: no step down."""
+    clock = Clock()
+    scaler = NetworkScaler(LADDER, INTERVAL, start=LADDER[START], cores=2, clock=clock)
+    indices = []
+    for frame in range(400):
+        scaler.record(0.020, 0.3, 2 if frame == 100 else 0)
+        clock.now += INTERVAL
+        indices.append(scaler.index)
+    assert set(indices) == {START}

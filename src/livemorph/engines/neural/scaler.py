@@ -53,8 +53,11 @@ SPARE_UP = 0.2
 #: Step down when less than this share of the machine's CPU is idle.
 SPARE_DOWN = 0.05
 #: Missed frames per frame (running mean): step down over DROPS_DOWN, up only under DROPS_UP.
-DROPS_DOWN = 0.05
+#: Averaged over about 50 frames (DROP_SMOOTHING), so one hiccup of the network or the
+#: client (a burst of three frames, two of them dropped) does not cost a size for 20 s.
+DROPS_DOWN = 0.08
 DROPS_UP = 0.01
+DROP_SMOOTHING = 0.02
 #: Frames (after the warm-up) a size must run before it may be left upwards, and downwards.
 FRAMES_BEFORE_UP = 50
 FRAMES_BEFORE_DOWN = 10
@@ -137,7 +140,7 @@ class NetworkScaler:
             self._spare, self._drops = spare, float(dropped)
         else:
             self._spare += SMOOTHING * (spare - self._spare)
-            self._drops += SMOOTHING * (dropped - self._drops)
+            self._drops += DROP_SMOOTHING * (dropped - self._drops)
         counted = self._frames - WARM_UP_FRAMES
         if self.index > 0 and counted >= self._frames_before_down:
             reason = self._overload()
