@@ -41,8 +41,18 @@ class EngineUnavailable(RuntimeError):
         self.public = public
 
 
+#: The rate of the audio an engine hears (`EngineSession.hear`): mono float32 samples.
+AUDIO_RATE = 16_000
+
+
 class EngineSession(ABC):
     """Per-session engine state; lives as long as one streaming session."""
+
+    #: True for an engine that makes its picture from the client's audio (an avatar) rather
+    #: than from a camera: the session then drives `transform` from a clock at the model's
+    #: frame rate (each frame blank, its `time` the moment it is due, in the session's
+    #: monotonic seconds) and passes the client's audio to `hear` as it arrives.
+    listens: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -54,6 +64,12 @@ class EngineSession(ABC):
     @abstractmethod
     def transform(self, frame: VideoFrame) -> VideoFrame:
         """One camera frame in, one output frame at the model's size out."""
+
+    def hear(self, samples: np.ndarray, until: float) -> None:  # noqa: B027 - optional hook
+        """Audio from the client: mono float32 samples at `AUDIO_RATE`, the last of them
+        heard at `until` (the same clock as the frames' `time`). Called on the event loop
+        while `transform` may run on a worker thread: keep it quick, and lock what both
+        touch. Only called when `listens` is true."""
 
     @property
     def description(self) -> str | None:
