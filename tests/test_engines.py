@@ -8,7 +8,7 @@ from av import VideoFrame
 from livemorph.engines.base import Controls
 from livemorph.engines.grade import Grade, GradeEngine
 from livemorph.engines.passthrough import PassthroughEngine
-from livemorph.engines.registry import EngineRegistry, ModelNotAvailable
+from livemorph.engines.registry import EngineRegistry
 from livemorph.models import CATALOG, UnknownModelError
 from tests.media import mean_abs_diff, photo
 
@@ -67,17 +67,23 @@ def test_registry_maps_models_to_engines() -> None:
     spec, engine = registry.resolve("mirage_v2")
     assert spec.fps == 22 and engine.name == "neural"
     assert registry.resolve("lucy_2_rt")[1] is engine, "engines load once per process"
-    try:
-        registry.resolve("live_avatar")
-        raise AssertionError("live_avatar has no engine yet")
-    except ModelNotAvailable as exc:
-        assert "model not available" in str(exc)
+    assert registry.engine_name("live_avatar") == "avatar"
     try:
         registry.resolve("nope")
         raise AssertionError
     except UnknownModelError as exc:
         assert "model not found" in str(exc)
     assert EngineRegistry("passthrough").resolve("mirage")[1].name == "passthrough"
+
+
+def test_a_forced_engine_applies_to_the_models_of_its_kind() -> None:
+    """A camera engine cannot serve an avatar, nor a listening engine a camera model."""
+    camera = EngineRegistry("passthrough")
+    assert camera.engine_name("mirage") == "passthrough"
+    assert camera.engine_name("live_avatar") == "avatar"
+    listening = EngineRegistry("meter")
+    assert listening.resolve("live_avatar")[1].name == "meter"
+    assert listening.engine_name("mirage") == "neural"
 
 
 def test_engine_specs_with_an_argument() -> None:

@@ -26,8 +26,8 @@ def test_models_lists_the_catalog(http) -> None:
         "available": True,
         "engine": "neural",
     }
-    assert models["live_avatar"]["available"] is False
-    assert models["live_avatar"]["engine"] is None
+    assert models["live_avatar"]["available"] is True
+    assert models["live_avatar"]["engine"] == "avatar"
 
 
 def test_token_with_no_body_and_no_content_type(http, server) -> None:

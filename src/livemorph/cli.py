@@ -214,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (env LIVEMORPH_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env LIVEMORPH_PORT, default 8000)")
     storage_flags(serve)
-    serve.add_argument("--engine", help="force one engine for all models (env LIVEMORPH_ENGINE)")
+    serve.add_argument(
+        "--engine",
+        help="force one engine on the models of its kind: camera or avatar (env LIVEMORPH_ENGINE)",
+    )
     serve.add_argument("--public-host", help="address clients reach this node at")
     serve.add_argument("--log-level", help="debug, info, warning (env LIVEMORPH_LOG_LEVEL)")
     serve.add_argument(

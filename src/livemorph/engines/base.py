@@ -45,6 +45,11 @@ class EngineUnavailable(RuntimeError):
 AUDIO_RATE = 16_000
 
 
+class EngineRefused(ValueError):
+    """The engine cannot work with this input (no portrait, no face in it): `str()` says why
+    in words fit for the client, and the client gets it in the input's ack."""
+
+
 class EngineSession(ABC):
     """Per-session engine state; lives as long as one streaming session."""
 
@@ -53,6 +58,9 @@ class EngineSession(ABC):
     #: frame rate (each frame blank, its `time` the moment it is due, in the session's
     #: monotonic seconds) and passes the client's audio to `hear` as it arrives.
     listens: ClassVar[bool] = False
+    #: For an engine that listens: how long after it was heard the client's audio should
+    #: be sent back, so the voice and the frames its mouth was drawn from leave together.
+    audio_delay: float = 0.0
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

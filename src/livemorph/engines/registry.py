@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ..models import CATALOG, ModelSpec, UnknownModelError
+from ..models import AVATAR, CATALOG, ModelSpec, UnknownModelError
 from .base import Engine
 from .grade import GradeEngine
+from .meter import MeterEngine
 from .passthrough import PassthroughEngine, SleepEngine
 
 logger = logging.getLogger(__name__)
+
+
+def _avatar(options: str = "") -> Engine:
+    """The avatar engine (a portrait animated by the voice), imported only when asked for."""
+    from .avatar.engine import AvatarEngine
+
+    return AvatarEngine(options)
 
 
 def _neural(options: str = "") -> Engine:
@@ -27,7 +35,13 @@ ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
     "grade": GradeEngine,
     "sleep": SleepEngine,
     "neural": _neural,
+    "avatar": _avatar,
+    "meter": MeterEngine,
 }
+#: Engines that make their picture from the client's audio (`EngineSession.listens`): they
+#: serve the avatar models, the others the camera models, and `--engine` forces one of a
+#: kind only on models of that kind.
+LISTENING_ENGINES = frozenset({"avatar", "meter"})
 
 #: The engine each model uses unless configured otherwise; None: not served here yet.
 DEFAULT_ENGINES: dict[str, str | None] = {
@@ -35,7 +49,7 @@ DEFAULT_ENGINES: dict[str, str | None] = {
     "mirage_v2": "neural",
     "lucy_v2v_720p_rt": "neural",
     "lucy_2_rt": "neural",
-    "live_avatar": None,
+    "live_avatar": "avatar",
 }
 
 
@@ -62,7 +76,10 @@ class EngineRegistry:
         default = DEFAULT_ENGINES.get(model)
         if default is None:
             return None
-        return self._override or default
+        if self._override is None:
+            return default
+        listening = self._override.partition(":")[0] in LISTENING_ENGINES
+        return self._override if listening == (CATALOG[model].kind == AVATAR) else default
 
     def resolve(self, model: str) -> tuple[ModelSpec, Engine]:
         """The model's spec and its loaded engine; raises UnknownModelError/ModelNotAvailable."""

@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from ..engines import ModelNotAvailable
-from ..engines.base import Controls, EngineUnavailable
+from ..engines.base import Controls, EngineRefused, EngineUnavailable
 from ..media.frames import image_to_rgb
 from ..models import UnknownModelError
 from ..policy import Expansion, refusal
@@ -258,6 +258,8 @@ async def _apply(session: Session, controls: Controls) -> str | None:
         raise
     except EngineUnavailable as exc:
         return f"the engine could not apply this input: {exc.public}"
+    except EngineRefused as exc:
+        return str(exc)
     except Exception:
         return "the engine could not apply this input"
     return None

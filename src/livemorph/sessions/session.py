@@ -13,7 +13,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
-from ..engines.base import Controls, EngineSession
+from ..engines.base import AUDIO_RATE, Controls, EngineSession
+from ..media.audio import AudioTap, ClockTrack, DelayedAudioTrack
 from ..media.encoder import use_realtime_encoder
 from ..media.jitter import install_on_peer_connection
 from ..models import ModelSpec
@@ -93,6 +94,10 @@ class Session:
         """Answer the client's offer: its video goes into the pipeline, its audio comes back."""
         if self.pc is not None:
             raise ValueError("this session already has a peer connection")
+        if self.pipeline.engine.listens and self.controls.image is None:
+            raise ValueError(
+                f"{self.spec.name} needs a portrait image: send set_image with image_data first"
+            )
         pc = self.pc = new_peer_connection()
         try:
             return await self._negotiate(pc, sdp)
@@ -105,14 +110,24 @@ class Session:
             raise
 
     async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> str:
+        engine = self.pipeline.engine
+        listens = engine.listens
+
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
+            if track.kind == "video" and not listens:
                 self.pipeline.consume(track)
                 pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
             elif track.kind == "audio" and self.audio is None:
-                self.audio = track
-                pc.addTrack(self.relay.subscribe(track, buffered=False))
+                if listens:
+                    # the engine hears the voice; it comes back delayed to meet its frames
+                    echo = DelayedAudioTrack(engine.audio_delay)
+                    tap = AudioTap(AUDIO_RATE, engine.hear, echo)
+                    self._spawn(tap.run(track))
+                    self.audio = echo
+                else:
+                    self.audio = track
+                pc.addTrack(self.relay.subscribe(self.audio, buffered=False))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -131,6 +146,9 @@ class Session:
         if "video" not in kinds_sent:
             # A recvonly video offer (an avatar) still gets the model's output.
             pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
+        if listens:
+            # no camera: a clock at the model's rate drives the engine
+            self.pipeline.consume(ClockTrack(self.spec.fps))
         await pc.setLocalDescription(await pc.createAnswer())
         use_realtime_encoder(pc)
         return pc.localDescription.sdp
