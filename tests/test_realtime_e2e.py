@@ -94,7 +94,7 @@ async def test_bad_key_fails_at_once_without_retries(server) -> None:
     assert error.value.code is ErrorCode.INVALID_API_KEY
 
 
-@pytest.mark.parametrize("name", ["warp_drive", "live_avatar"])
+@pytest.mark.parametrize("name", ["warp_drive"])
 async def test_unknown_or_unavailable_model(client, name: str) -> None:
     with pytest.raises(LivemorphError) as error:
         async with asyncio.timeout(10):

@@ -61,8 +61,16 @@ async def test_unknown_model_is_fatal_and_named(server) -> None:
         assert "model not found" in message["error"] and "warp_drive" in message["error"]
 
 
-async def test_avatar_not_available_yet(server) -> None:
-    await expect_fatal(stream_url(server, model="live_avatar"), "model not available")
+async def test_an_avatar_offer_without_a_portrait_is_refused_clearly(server) -> None:
+    """live_avatar has no camera: it needs the portrait first, and says so; the session
+    stays, so the client can send the portrait and offer again."""
+    async with connect(stream_url(server, model="live_avatar")) as ws:
+        await ws.send(json.dumps({"type": "offer", "sdp": "v=0"}))
+        message = await recv_type(ws, "error")
+        assert "needs a portrait image" in message["error"]
+        assert "set_image" in message["error"]
+        await ws.send(json.dumps({"type": "prompt", "prompt": "smile"}))
+        assert (await recv_type(ws, "prompt_ack"))["type"] == "prompt_ack"
 
 
 async def test_session_id_names_this_node(server) -> None:
