@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need, all from Debian: Chromium (and a font) for the browser tests,
-# PostgreSQL for the storage tests (they start their own throwaway server from its binaries).
+# PostgreSQL for the storage tests (they start their own throwaway server from its binaries),
+# espeak-ng for the avatar tests (real speech to play through the avatar).
 # Safe to run again: apt-get install leaves what is already there.
 set -euo pipefail
 SUDO=""
@@ -10,4 +11,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
 $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
-    postgresql
+    postgresql espeak-ng

@@ -1,12 +1,18 @@
-"""Real media for tests: a camera-like track showing scikit-image's astronaut photo."""
+"""Real media for tests: a camera-like track showing scikit-image's astronaut photo, and
+speech from espeak-ng."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
+import os
+import shutil
+import subprocess
 import time
 
 import numpy as np
+import pytest
 from aiortc.mediastreams import MediaStreamTrack
 from av import VideoFrame
 from PIL import Image
@@ -22,6 +28,46 @@ def photo(width: int, height: int) -> np.ndarray:
     crop_h = int(side * height / width)
     top = (image.height - crop_h) // 2
     return np.asarray(image.crop((0, top, side, top + crop_h)).resize((width, height)))
+
+
+def require_espeak() -> str:
+    """The espeak-ng binary, or skip (fail when CI=true) with what to install."""
+    found = shutil.which("espeak-ng")
+    if found is not None:
+        return found
+    message = "espeak-ng not found: run scripts/install-system-deps.sh (Debian package `espeak-ng`)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@functools.lru_cache(maxsize=32)
+def speech_wav(text: str, *, voice: str = "en", speed: int = 175, amplitude: int = 100) -> bytes:
+    """`text` spoken by espeak-ng, as a WAV file's bytes (mono s16, 22 050 Hz).
+
+    `speed` is in words per minute, `amplitude` 0 to 200. The text goes in on stdin, so
+    nothing in it is read as an option.
+    """
+    result = subprocess.run(
+        [
+            require_espeak(),
+            "--stdout",
+            "--stdin",
+            "-v",
+            voice,
+            "-s",
+            str(speed),
+            "-a",
+            str(amplitude),
+        ],
+        input=text.encode(),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    if not result.stdout.startswith(b"RIFF"):
+        raise RuntimeError(f"espeak-ng wrote no WAV: {result.stderr.decode(errors='replace')}")
+    return result.stdout
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
