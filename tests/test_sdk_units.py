@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
+from PIL import Image
 from websockets.asyncio.server import ServerConnection, serve
 
 import livemorph
@@ -127,6 +128,18 @@ async def test_image_inputs_all_encode_to_plain_base64(tmp_path: Path) -> None:
     ]
     for image in inputs:
         assert await image_to_base64(image) == PNG_B64, type(image)
+
+
+async def test_numpy_images_are_sent_as_png() -> None:
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    for image in (rgb, np.dstack([rgb, np.full((4, 6), 255, np.uint8)]), rgb[..., 0]):
+        data = base64.b64decode(await image_to_base64(image))
+        assert data.startswith(b"\x89PNG")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+    for bad in (rgb.astype(np.float32), np.zeros((4, 6, 5), np.uint8), np.zeros((0, 6, 3))):
+        with pytest.raises(LivemorphError) as info:
+            await image_to_base64(bad)
+        assert info.value.code is ErrorCode.INVALID_INPUT
 
 
 async def test_image_from_url_uses_the_given_http_client() -> None:

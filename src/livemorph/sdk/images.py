@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from ..errors import ErrorCode, LivemorphError
 from ..protocol import MAX_IMAGE_BYTES
@@ -26,8 +29,9 @@ class Readable(Protocol):
     def read(self) -> bytes: ...
 
 
-ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | Readable
-"""bytes, a file path, an http(s) URL, a `data:` URL, plain base64, or a binary file object."""
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | Readable | np.ndarray
+"""bytes, a file path, an http(s) URL, a `data:` URL, plain base64, a binary file object, or
+a uint8 numpy array: RGB (h, w, 3), RGBA (h, w, 4) or gray (h, w), sent as PNG."""
 
 
 def _too_large(size: int) -> LivemorphError:
@@ -45,6 +49,24 @@ def encode_bytes(data: bytes | bytearray | memoryview) -> str:
     if len(raw) > MAX_IMAGE_BYTES:
         raise _too_large(len(raw))
     return base64.b64encode(raw).decode("ascii")
+
+
+def encode_array(image: np.ndarray) -> str:
+    """Base64 of a uint8 RGB, RGBA or gray array, encoded as PNG."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise LivemorphError(
+            f"image arrays must be uint8, not {array.dtype}", ErrorCode.INVALID_INPUT
+        )
+    channels = 2 if array.ndim == 2 else array.shape[2] if array.ndim == 3 else 0
+    if channels not in (2, 3, 4) or array.shape[0] == 0 or array.shape[1] == 0:
+        raise LivemorphError(
+            f"image arrays must be (h, w, 3) RGB, (h, w, 4) RGBA or (h, w) gray, not {array.shape}",
+            ErrorCode.INVALID_INPUT,
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return encode_bytes(buffer.getvalue())
 
 
 def decoded_size(b64: str) -> int:
@@ -109,10 +131,12 @@ async def image_to_base64(image: ImageInput, http: httpx.AsyncClient | None = No
     """Plain base64 (no `data:` prefix) of an image, at most 10 MB decoded.
 
     Strings are tried in order as a `data:` URL, an http(s) URL, an existing file, and
-    finally plain base64, the order the published SDKs use.
+    finally plain base64, the order the published SDKs use. Arrays are sent as PNG.
     """
     if isinstance(image, bytes | bytearray | memoryview):
         return encode_bytes(image)
+    if isinstance(image, np.ndarray):
+        return await asyncio.to_thread(encode_array, image)
     if isinstance(image, os.PathLike):
         return encode_bytes(await asyncio.to_thread(_read_file, Path(image)))
     if isinstance(image, str):
