@@ -705,6 +705,24 @@ async def test_full_session_reconnects_with_its_last_prompt() -> None:
     assert not [t for t in others if "livemorph" in repr(t.get_coro())]
 
 
+async def test_sent_tracks_outlive_a_reconnect_and_end_with_the_session() -> None:
+    server = StandInSession()
+    camera = ArrayVideoTrack([frame()], fps=25)
+    async with stand_in(server) as (base, seen), create_client("k", base) as client:
+        rt = await client.realtime.connect(camera, model="mirage", retry=FAST)
+        try:
+            await server.live[0].close()  # closing the old peer connection stops its sender
+            await until(lambda: len(seen) == 2 and rt.is_connected())
+            assert camera.readyState == "live", "the camera goes on to the new connection"
+            assert rt.signaling is not None and rt.signaling.pc is not None
+            senders = rt.signaling.pc.getSenders()
+            assert [getattr(s.track, "source", None) for s in senders] == [camera]
+        finally:
+            await rt.disconnect()
+            await server.close()
+    assert camera.readyState == "ended", "and stops with the session, as before"
+
+
 async def test_permanent_error_after_connect_stops_without_reconnecting() -> None:
     server = StandInSession()
     async with stand_in(server) as (base, seen):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode
 
 from aiortc import AudioStreamTrack, MediaStreamTrack, RTCIceServer
+from aiortc.mediastreams import MediaStreamError
 
 from .._version import __version__
 from ..errors import ErrorCode, LivemorphError
@@ -121,6 +122,27 @@ def _finish_callback(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[An
             logger.error("error in async callback", exc_info=task.exception())
 
     return done
+
+
+class _Outlet(MediaStreamTrack):
+    """One connection attempt's hold on a track the session sends.
+
+    aiortc stops a sender's track when its peer connection closes, and a stopped track
+    (a camera, a microphone, the avatar's clips) cannot be sent again. Each attempt sends
+    an outlet instead: the old connection's close ends only its outlet, the reconnect
+    sends the same source through a new one, and the sources are stopped when the
+    session ends.
+    """
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.kind = source.kind
+        self.source = source
+
+    async def recv(self) -> Any:
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self.source.recv()
 
 
 class _LiveConnection:
@@ -319,7 +341,9 @@ class _LiveConnection:
             await signaling.open()
             await self._prepare(signaling)
             await signaling.negotiate(
-                self._send, receive=self._receive, connect_timeout=self._connect_timeout
+                [_Outlet(track) for track in self._send],
+                receive=self._receive,
+                connect_timeout=self._connect_timeout,
             )
             if signaling.ended:
                 raise signaling.end_error or LivemorphError(
@@ -399,8 +423,8 @@ class _LiveConnection:
             self._set_state(self._signaling.state)
 
     def _release(self) -> None:
-        for track in self._owned_tracks:
-            track.stop()
+        for track in [*self._send, *self._owned_tracks]:
+            track.stop()  # as closing a peer connection stops its tracks
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
