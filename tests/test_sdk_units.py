@@ -12,8 +12,10 @@ import io
 import itertools
 import json
 import time
+import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +23,13 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    AudioStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.mediastreams import MediaStreamError
 from PIL import Image
 from websockets.asyncio.server import ServerConnection, serve
@@ -38,7 +46,15 @@ from livemorph.protocol import (
     encode_subscribe_token,
     is_permanent_error,
 )
-from livemorph.sdk import ArrayVideoTrack, RealtimeClient, RetryPolicy, Signaling, should_retry
+from livemorph.sdk import (
+    ArrayVideoTrack,
+    ClipAudioTrack,
+    RealtimeClient,
+    RetryPolicy,
+    Signaling,
+    decode_audio,
+    should_retry,
+)
 from livemorph.sdk.images import image_to_base64
 
 PNG_BYTES = base64.b64decode(
@@ -762,3 +778,295 @@ async def test_generation_ended_is_not_followed_by_a_reconnect() -> None:
             assert len(seen) == 1
             assert [(e.seconds, e.reason) for e in ended] == [(3, "insufficient_credits")]
         await server.close()
+
+
+# -- the avatar ---------------------------------------------------------------------------
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """int16 samples, (n,) or (n, channels), as a WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def ticking(step: float = 0.02) -> Callable[[], float]:
+    """A clock that advances `step` each time it is read: a track paced by it never sleeps."""
+    counter = itertools.count()
+    return lambda: next(counter) * step
+
+
+async def test_clip_track_sends_silence_then_the_clip_in_20_ms_frames() -> None:
+    track = ClipAudioTrack(clock=ticking())
+    frames = [await track.recv() for _ in range(2)]
+    clip = np.arange(1, 2 * 960 + 481, dtype=np.int16)  # two and a half frames
+    done = track.play(clip)
+    frames += [await track.recv() for _ in range(2)]
+    assert not done.done() and track.playing
+    frames.append(await track.recv())
+    assert done.done() and done.result() is True and not track.playing
+    frames.append(await track.recv())
+    for i, frame in enumerate(frames):
+        assert (frame.samples, frame.sample_rate) == (960, 48_000)
+        assert (frame.format.name, frame.layout.name) == ("s16", "mono")
+        assert frame.pts == i * 960 and frame.time_base == Fraction(1, 48_000)
+    sent = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+    assert not sent[: 2 * 960].any() and not sent[-960 - 480 :].any()
+    assert np.array_equal(sent[2 * 960 : 2 * 960 + len(clip)], clip)
+
+
+async def test_clip_track_a_new_claim_stops_the_clip_under_way() -> None:
+    track = ClipAudioTrack(clock=ticking())
+    first = track.play(np.ones(10 * 960, np.int16))
+    await track.recv()
+    claim = track.claim()
+    assert first.result() is False and not track.playing
+    stale = track.claim()
+    assert track.play(np.ones(960, np.int16), claim).result() is False, "overtaken"
+    second = track.play(np.full(960, 7, np.int16), stale)
+    assert (await track.recv()).to_ndarray().max() == 7 and second.result() is True
+    assert track.play(np.zeros(0, np.int16)).result() is True, "an empty clip is played out"
+    third = track.play(np.ones(960, np.int16))
+    track.stop()
+    assert third.result() is False
+    with pytest.raises(MediaStreamError):
+        await track.recv()
+
+
+async def test_clip_track_takes_up_the_clock_after_a_gap_instead_of_bursting() -> None:
+    now = [0.0]
+    track = ClipAudioTrack(clock=lambda: now[0])
+    await track.recv()
+    now[0] = 5.0  # nobody pulled frames for 5 s (a reconnect)
+    await track.recv()
+    started = time.monotonic()
+    now[0] = 5.0 + 0.02
+    await track.recv()  # due now: no sleep, no burst of 250 frames
+    assert time.monotonic() - started < 0.1
+
+
+def test_decode_audio_reads_files_bytes_and_arrays(tmp_path: Path) -> None:
+    tone = (8000 * np.sin(np.arange(8000) / 5)).astype(np.int16)  # 0.5 s at 16 kHz
+    wav = wav_bytes(tone, 16_000)
+    path = tmp_path / "tone.wav"
+    path.write_bytes(wav)
+    for audio in (wav, bytearray(wav), path, str(path), io.BytesIO(wav)):
+        samples = decode_audio(audio)
+        assert samples.dtype == np.int16 and abs(len(samples) - 24_000) <= 960, type(audio)
+        assert 5000 < np.abs(samples).max() <= 8100
+    stereo = decode_audio(wav_bytes(np.stack([tone, tone], axis=1), 16_000))
+    assert abs(len(stereo) - 24_000) <= 960 and np.abs(stereo).max() > 5000
+
+    floats = np.sin(np.arange(4800) / 5).astype(np.float32) * 0.5  # 0.1 s at 48 kHz
+    assert np.array_equal(decode_audio(floats, 48_000), np.round(floats * 32767).astype(np.int16))
+    assert abs(len(decode_audio(floats.astype(np.float64), 24_000)) - 9600) <= 960
+    two = np.stack([tone, np.zeros_like(tone)], axis=1)
+    mixed = decode_audio(two, 16_000)
+    assert abs(len(mixed) - 24_000) <= 960 and 3000 < np.abs(mixed).max() < 4200, "mixed to mono"
+    assert np.abs(decode_audio(np.full(4800, 3.0), 48_000)).max() == 32767, "clipped to -1..1"
+
+
+@pytest.mark.parametrize(
+    ("audio", "rate", "message"),
+    [
+        (b"", None, "empty"),
+        (b"not audio at all" * 20, None, "cannot decode"),
+        (np.zeros(100, np.float32), None, "sample_rate is required"),
+        (np.zeros(100, np.int32), 16_000, "float .* or int16"),
+        (np.zeros((2, 4000), np.float32), 16_000, r"\(n, channels\)"),
+        (np.zeros((4, 4, 4), np.float32), 16_000, r"\(n,\) or \(n, channels\)"),
+        (np.array([0.0, np.nan]), 16_000, "finite"),
+        (np.zeros(100, np.float32), 10, "out of range"),
+        (np.zeros(100, np.float32), 16_000.0, "integer"),
+        ("no/such/file.wav", None, "no such audio file"),
+        (12345, None, "unsupported audio type"),
+    ],
+)
+def test_decode_audio_refuses_what_it_cannot_play(audio: Any, rate: Any, message: str) -> None:
+    with pytest.raises(LivemorphError, match=message) as info:
+        decode_audio(audio, rate)
+    assert info.value.code is ErrorCode.INVALID_INPUT
+
+
+def test_sample_rate_is_refused_for_files() -> None:
+    with pytest.raises(LivemorphError, match="only for numpy arrays"):
+        decode_audio(wav_bytes(np.zeros(160, np.int16), 16_000), 16_000)
+
+
+class AvatarStandIn:
+    """A publishing server in miniature that records every message of every connection."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[dict[str, Any]]] = []
+        self.pcs: list[RTCPeerConnection] = []
+        self.live: list[ServerConnection] = []
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        seen: list[dict[str, Any]] = []
+        self.messages.append(seen)
+        async for raw in ws:
+            message = json.loads(raw)
+            seen.append(message)
+            kind = message["type"]
+            if kind == "prompt":
+                ack = {"type": "prompt_ack", "prompt": message["prompt"], "success": True}
+                await ws.send(json.dumps(ack))
+            elif kind == "set_image":
+                await ws.send(json.dumps({"type": "set_image_ack", "success": True}))
+            elif kind == "offer":
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                self.pcs.append(pc)
+                await pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
+                pc.addTrack(VideoStreamTrack())
+                await pc.setLocalDescription(await pc.createAnswer())
+                await ws.send(json.dumps({"type": "answer", "sdp": pc.localDescription.sdp}))
+                self.live.append(ws)
+
+    async def close(self) -> None:
+        for pc in self.pcs:
+            await pc.close()
+
+
+def media_sections(sdp: str) -> list[tuple[str, str]]:
+    """(kind, direction) of each m= section of an SDP, in order."""
+    sections: list[tuple[str, str]] = []
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            sections.append((line[2:].split()[0], ""))
+        elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive") and sections:
+            sections[-1] = (sections[-1][0], line[2:])
+    return sections
+
+
+async def test_avatar_connect_sends_portrait_prompt_offer_and_restores_them() -> None:
+    server = AvatarStandIn()
+    portrait = np.full((64, 48, 3), 90, np.uint8)
+    async with stand_in(server) as (base, seen), create_client("k", base) as client:
+        rt = await client.realtime.connect(
+            None,
+            model=models.realtime("live_avatar"),
+            avatar={"image": portrait},
+            initial_state={"prompt": {"text": "Smile warmly", "enhance": False}},
+            retry=FAST,
+        )
+        try:
+            portrait_b64 = await image_to_base64(portrait)
+            first = server.messages[0]
+            assert first[:2] == [
+                {"type": "set_image", "image_data": portrait_b64},
+                {"type": "prompt", "prompt": "Smile warmly", "enhance_prompt": False},
+            ]
+            assert first[2]["type"] == "offer"
+            assert media_sections(first[2]["sdp"]) == [("video", "recvonly"), ("audio", "sendrecv")]
+
+            started = time.monotonic()
+            assert await rt.play_audio(np.full(4800, 0.5, np.float32), 48_000) is True
+            assert 0.05 < time.monotonic() - started < 1.0, "a 0.1 s clip, sent on the clock"
+
+            with pytest.raises(LivemorphError, match="needs its portrait"):
+                await rt.set_image(None)
+            with pytest.raises(LivemorphError, match="needs its portrait"):
+                await rt.passthrough()
+            await rt.set_image(PNG_BYTES)  # a new portrait replaces the first
+            await server.live[0].close()  # the server drops the session
+            await until(lambda: len(seen) == 2 and rt.is_connected())
+            again = server.messages[1]
+            assert again[:2] == [
+                {"type": "set_image", "image_data": PNG_B64},
+                {"type": "prompt", "prompt": "Smile warmly", "enhance_prompt": False},
+            ]
+            assert media_sections(again[2]["sdp"]) == [("video", "recvonly"), ("audio", "sendrecv")]
+            assert await rt.play_audio(np.zeros(960, np.int16), 48_000) is True
+        finally:
+            await rt.disconnect()
+            await server.close()
+    with pytest.raises(LivemorphError, match="not connected"):
+        await rt.play_audio(np.zeros(960, np.int16), 48_000)
+
+
+async def test_a_dropped_connection_stops_the_clip_under_way() -> None:
+    server = AvatarStandIn()
+    async with stand_in(server) as (base, seen), create_client("k", base) as client:
+        rt = await client.realtime.connect(
+            None, model="live_avatar", avatar={"image": PNG_BYTES}, retry=FAST
+        )
+        try:
+            playing = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
+            await asyncio.sleep(0.2)
+            await server.live[0].close()
+            assert await asyncio.wait_for(playing, 2) is False
+            await until(lambda: len(seen) == 2 and rt.is_connected())
+            playing = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
+            await asyncio.sleep(0.1)
+            rt.stop_audio()
+            assert await asyncio.wait_for(playing, 1) is False
+            cancelled = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
+            await asyncio.sleep(0.1)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert rt._clip_track is not None and not rt._clip_track.playing
+        finally:
+            await rt.disconnect()
+            await server.close()
+
+
+async def test_play_audio_needs_an_avatar_without_an_audio_source() -> None:
+    server = AvatarStandIn()
+    async with stand_in(server) as (base, _), create_client("k", base) as client:
+        own_voice = AudioStreamTrack()
+        rt = await client.realtime.connect(
+            own_voice, model="live_avatar", avatar={"image": PNG_BYTES}, retry=FAST
+        )
+        camera = await client.realtime.connect(ArrayVideoTrack([frame()]), model="mirage")
+        try:
+            assert media_sections(server.messages[0][-1]["sdp"]) == [
+                ("video", "recvonly"),
+                ("audio", "sendrecv"),
+            ]
+            with pytest.raises(LivemorphError, match="audio source of its own") as info:
+                await rt.play_audio(wav_bytes(np.zeros(160, np.int16), 16_000))
+            assert info.value.code is ErrorCode.INVALID_INPUT
+            with pytest.raises(LivemorphError, match="not an avatar"):
+                await camera.play_audio(wav_bytes(np.zeros(160, np.int16), 16_000))
+        finally:
+            await rt.disconnect()
+            await camera.disconnect()
+            own_voice.stop()
+            await server.close()
+
+
+@pytest.mark.parametrize(
+    ("stream", "options", "message"),
+    [
+        (None, {}, "live_avatar needs a portrait"),
+        (None, {"avatar": {}}, "live_avatar needs a portrait"),
+        (None, {"avatar": {"photo": PNG_BYTES}}, "unknown avatar keys"),
+        (None, {"avatar": PNG_BYTES}, "avatar must be a mapping"),
+        (
+            None,
+            {"avatar": {"image": PNG_BYTES}, "initial_state": {"image": PNG_BYTES}},
+            "give the portrait once",
+        ),
+        (ArrayVideoTrack(), {"avatar": {"image": PNG_BYTES}}, "listens to audio"),
+        (None, {"avatar": {"image": np.zeros((4, 4), np.float32)}}, "uint8"),
+    ],
+)
+async def test_avatar_arguments_are_checked_before_connecting(
+    stream: Any, options: dict[str, Any], message: str
+) -> None:
+    client = create_client("key", "http://127.0.0.1:9")  # nothing listens on port 9
+    try:
+        with pytest.raises(LivemorphError, match=message) as info:
+            await client.realtime.connect(stream, model="live_avatar", retry=FAST, **options)
+        assert info.value.code is ErrorCode.INVALID_INPUT
+        with pytest.raises(LivemorphError, match="avatar is only for live_avatar"):
+            await client.realtime.connect(
+                ArrayVideoTrack(), model=models.realtime("mirage"), avatar={"image": PNG_BYTES}
+            )
+    finally:
+        await client.aclose()

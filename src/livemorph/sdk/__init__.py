@@ -1,6 +1,7 @@
 """The Python SDK: publish a track to a livemorph server, watch sessions, mint tokens."""
 
 from . import sources
+from .audio import ClipAudioTrack, decode_audio
 from .client import Client, ClientToken, TokensClient, create_client
 from .images import image_to_base64
 from .realtime import (
@@ -21,6 +22,7 @@ __all__ = [
     "ArrayVideoTrack",
     "Client",
     "ClientToken",
+    "ClipAudioTrack",
     "ConnectionState",
     "GenerationEnded",
     "GenerationTick",
@@ -31,6 +33,7 @@ __all__ = [
     "Subscription",
     "TokensClient",
     "create_client",
+    "decode_audio",
     "image_to_base64",
     "should_retry",
     "sources",

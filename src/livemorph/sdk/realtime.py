@@ -4,7 +4,8 @@ Each connection attempt is a fresh `Signaling`; this module decides when to make
 one. The rules follow the published clients: retry transient failures with exponential
 backoff, never retry an error the server marks as permanent (bad key, not allowed,
 invalid session), and after a drop restore the last prompt and image that the server
-acknowledged so the new session looks like the old one from its first frame.
+acknowledged so the new session looks like the old one from its first frame (for
+`live_avatar`, the portrait).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode
 
-from aiortc import AudioStreamTrack, MediaStreamTrack, RTCIceServer
+from aiortc import MediaStreamTrack, RTCIceServer
 from aiortc.mediastreams import MediaStreamError
 
 from .._version import __version__
@@ -31,6 +32,7 @@ from ..protocol import (
     decode_subscribe_token,
     encode_subscribe_token,
 )
+from .audio import AudioInput, ClipAudioTrack, decode_audio
 from .images import ImageInput, image_to_base64
 from .signaling import (
     IMAGE_TIMEOUT,
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 USER_AGENT = f"livemorph-python/{__version__}"
+
+#: The model that animates a portrait from audio instead of transforming a camera.
+AVATAR_MODEL = "live_avatar"
 
 #: Events that `on()` accepts.
 EVENTS = ("connection_change", "generation_tick", "generation_ended", "error")
@@ -431,7 +436,8 @@ class _LiveConnection:
 
 
 class RealtimeClient(_LiveConnection):
-    """A publishing session: your video in, the transformed video out.
+    """A publishing session: your video in, the transformed video out; for `live_avatar`,
+    a portrait and your audio in, the talking portrait and its voice out.
 
     Get one from `client.realtime.connect(...)`.
     """
@@ -444,6 +450,7 @@ class RealtimeClient(_LiveConnection):
         prompt: tuple[str, bool] | None = None,
         image: str | None = None,
         http: httpx.AsyncClient | None = None,
+        clip_track: ClipAudioTrack | None = None,
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
@@ -451,6 +458,7 @@ class RealtimeClient(_LiveConnection):
         self._prompt = prompt
         self._image = image
         self._http = http
+        self._clip_track = clip_track
         self._session: SubscribeTarget | None = None
 
     @property
@@ -490,6 +498,7 @@ class RealtimeClient(_LiveConnection):
 
     async def passthrough(self) -> None:
         """Stop transforming: clear the prompt and the image until the next `set`."""
+        self._keep_portrait(None)
         await self._live().send_image(None, ack_timeout=IMAGE_TIMEOUT, passthrough=True)
         self._prompt = None
         self._image = None
@@ -509,8 +518,10 @@ class RealtimeClient(_LiveConnection):
     ) -> None:
         """Send a reference image (None clears it), maybe with a prompt, and wait for its ack.
 
-        Images over 10 MB are refused here, before anything is sent.
+        Images over 10 MB are refused here, before anything is sent. For `live_avatar` the
+        image is the portrait: a new one replaces it, None is refused.
         """
+        self._keep_portrait(image)
         if prompt is not None:
             _check_prompt(prompt)
         data = None if image is None else await image_to_base64(image, self._http)
@@ -522,8 +533,69 @@ class RealtimeClient(_LiveConnection):
         if prompt is not None:
             self._prompt = (prompt, enhance)
 
+    async def play_audio(self, audio: AudioInput, sample_rate: int | None = None) -> bool:
+        """Play a clip through the avatar (`live_avatar` connected with no audio source).
+
+        `audio` is an audio file's bytes (WAV, MP3, Ogg, ... anything FFmpeg decodes), its
+        path, a binary file object, or a numpy array of samples, float in -1..1 or int16,
+        shaped (n,) or (n, channels), with its `sample_rate`. The clip is sent on the
+        session's audio track (mixed to mono, 48 kHz) in place of the silence sent between
+        clips; the avatar speaks it and its voice comes back on `audio_track`, in step with
+        the mouth. Nothing plays on the local speakers.
+
+        Returns once the clip has been sent, about its own length later: True when it was
+        played to the end; False when it was stopped first, by a later `play_audio` (which
+        stops the clip under way, as the published clients do), by `stop_audio()`, by a
+        dropped connection or by `disconnect()`. Cancelling the call stops the clip too.
+        Raises INVALID_INPUT for audio that cannot be decoded, and for a session that sends
+        an audio source of its own (a microphone, a file): that one is the voice.
+        """
+        track = self._clip_track
+        if track is None:
+            reason = (
+                "it sends an audio source of its own"
+                if self.model == AVATAR_MODEL
+                else f"model {self.model} is not an avatar"
+            )
+            raise LivemorphError(
+                "play_audio() is only available for live_avatar connected without an audio "
+                f"source (connect(None, ...)); this session cannot: {reason}",
+                ErrorCode.INVALID_INPUT,
+            )
+        self._live()
+        claim = track.claim()
+        samples = await asyncio.to_thread(decode_audio, audio, sample_rate)
+        if track.is_current(claim):
+            self._live()  # the connection dropped while the clip was decoded
+        done = track.play(samples, claim)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not done.done():
+                track.stop_clip()
+            raise
+
+    def stop_audio(self) -> None:
+        """Stop the clip that `play_audio` is sending, if any; silence follows."""
+        if self._clip_track is not None:
+            self._clip_track.stop_clip()
+
     async def __aenter__(self) -> RealtimeClient:
         return self
+
+    def _keep_portrait(self, image: object) -> None:
+        if self.model == AVATAR_MODEL and image is None:
+            raise LivemorphError(
+                "live_avatar needs its portrait: replace it with set_image(new_portrait), "
+                "it cannot be cleared",
+                ErrorCode.INVALID_INPUT,
+            )
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state in ("reconnecting", "disconnected") and self._clip_track is not None:
+            # nobody sends the clip any more: its caller hears False, not a hang
+            self._clip_track.stop_clip()
+        super()._set_state(state)
 
     def _live(self) -> Signaling:
         signaling = self._signaling
@@ -532,7 +604,12 @@ class RealtimeClient(_LiveConnection):
         return signaling
 
     async def _prepare(self, signaling: Signaling) -> None:
-        if self._image is not None:
+        if self.model == AVATAR_MODEL and self._image is not None:
+            # the browser client's order: the portrait alone, then the prompt, then the offer
+            await signaling.send_image(self._image, ack_timeout=IMAGE_TIMEOUT)
+            if self._prompt is not None:
+                await signaling.send_prompt(*self._prompt, ack_timeout=PROMPT_TIMEOUT)
+        elif self._image is not None:
             text, enhance = self._prompt if self._prompt else (None, None)
             await signaling.send_image(self._image, text, enhance, ack_timeout=IMAGE_TIMEOUT)
         elif self._prompt is not None:
@@ -572,6 +649,7 @@ class RealtimeAPI:
         model: Any,
         on_remote_stream: RemoteStreamCallback | None = None,
         initial_state: Mapping[str, Any] | None = None,
+        avatar: Mapping[str, Any] | None = None,
         customize_offer: OfferHook | None = None,
         ice_servers: Iterable[RTCIceServer] = (),
         retry: RetryPolicy | None = None,
@@ -580,21 +658,30 @@ class RealtimeAPI:
     ) -> RealtimeClient:
         """Start a session that transforms `stream` with `model`; returns once connected.
 
-        `stream` is a video track, a sequence of tracks, or a player with `.video` (and
-        `.audio`, used by `live_avatar`); None only for `live_avatar`, which then sends
-        silence. `model` is a `ModelSpec` or a model name. `initial_state` is
+        `stream` is a video track, a sequence of tracks, or a player with `.video`.
+        `model` is a `ModelSpec` or a model name. `initial_state` is
         `{"prompt": {"text": ..., "enhance": True} | str, "image": ...}`, applied before the
         first frame. `on_remote_stream(track)` runs once per remote track. No STUN or TURN
         servers are used unless `ice_servers` names some: the server is reached directly.
         `fast_receive=False` keeps aiortc's stock receive path (one frame slower; for
         comparison, or should aiortc's internals change).
+
+        `live_avatar` animates a portrait instead: `avatar={"image": portrait}` (bytes, a
+        path, base64, a URL or an RGB array; the published Python client's
+        `initial_state={"image": ...}` works too), and `stream` None, then `play_audio()`
+        makes it speak, or an audio source (`sources.microphone()`, `sources.file(path)`,
+        an audio track) that it listens to. The portrait is sent and acknowledged first,
+        then the prompt, then the offer (video received only, audio both ways); the
+        avatar's voice comes back on the session's `audio_track`.
         """
         name, url_path = _model_target(model)
         prompt, image_input = _initial_state(initial_state)
+        image_input = _portrait(name, avatar, image_input)
         image = None
         if image_input is not None:
             image = await image_to_base64(image_input, self._client._http)
         send, receive, owned = _media_plan(name, stream)
+        clip_track = next((t for t in owned if isinstance(t, ClipAudioTrack)), None)
         query = urlencode(
             {"api_key": self._client.api_key, "model": name, "user_agent": USER_AGENT}
         )
@@ -604,6 +691,7 @@ class RealtimeAPI:
             prompt=prompt,
             image=image,
             http=self._client._http,
+            clip_track=clip_track,
             on_remote_stream=on_remote_stream,
             send=send,
             receive=receive,
@@ -703,6 +791,48 @@ def _initial_state(
     return parsed, state.get("image")
 
 
+def _portrait(model: str, avatar: Mapping[str, Any] | None, image: Any) -> Any:
+    """The image to send first: for `live_avatar` the portrait, which it cannot do without."""
+    if model != AVATAR_MODEL:
+        if avatar is not None:
+            raise LivemorphError(
+                f"avatar is only for live_avatar; model {model} transforms a camera "
+                "(use initial_state={'image': ...} for a reference image)",
+                ErrorCode.INVALID_INPUT,
+            )
+        return image
+    portrait = None
+    if avatar is not None:
+        if not isinstance(avatar, Mapping):
+            raise LivemorphError(
+                "avatar must be a mapping: avatar={'image': portrait}", ErrorCode.INVALID_INPUT
+            )
+        unknown = set(avatar) - {"image", "avatar_image"}
+        if unknown:
+            raise LivemorphError(
+                f"unknown avatar keys: {', '.join(sorted(map(str, unknown)))}; "
+                "expected avatar={'image': portrait}",
+                ErrorCode.INVALID_INPUT,
+            )
+        given = [avatar[key] for key in ("image", "avatar_image") if avatar.get(key) is not None]
+        if len(given) > 1:
+            raise LivemorphError("give the portrait once", ErrorCode.INVALID_INPUT)
+        portrait = given[0] if given else None
+    if portrait is not None and image is not None:
+        raise LivemorphError(
+            "give the portrait once: avatar={'image': ...} or initial_state={'image': ...}",
+            ErrorCode.INVALID_INPUT,
+        )
+    portrait = image if portrait is None else portrait
+    if portrait is None:
+        raise LivemorphError(
+            "live_avatar needs a portrait to animate: connect(None, model='live_avatar', "
+            "avatar={'image': portrait}) with bytes, a path, base64 or an RGB array",
+            ErrorCode.INVALID_INPUT,
+        )
+    return portrait
+
+
 def _tracks_of(stream: Any, *, with_audio: bool) -> list[MediaStreamTrack]:
     if stream is None:
         return []
@@ -725,12 +855,18 @@ def _media_plan(
     model: str, stream: Any
 ) -> tuple[list[MediaStreamTrack], tuple[str, ...], list[MediaStreamTrack]]:
     """Tracks to send, kinds to receive only, and tracks we made (and must stop)."""
-    if model == "live_avatar":
+    if model == AVATAR_MODEL:
+        if stream is None:
+            clips = ClipAudioTrack()
+            return [clips], ("video",), [clips]
         audio = [t for t in _tracks_of(stream, with_audio=True) if t.kind == "audio"]
-        if audio:
-            return audio, ("video",), []
-        silence = AudioStreamTrack()
-        return [silence], ("video",), [silence]
+        if not audio:
+            raise LivemorphError(
+                "live_avatar listens to audio, and this stream has none: pass None (then "
+                "play_audio) or an audio source such as sources.microphone()",
+                ErrorCode.INVALID_INPUT,
+            )
+        return audio[:1], ("video",), []
     tracks = _tracks_of(stream, with_audio=False)
     if not any(track.kind == "video" for track in tracks):
         raise LivemorphError(f"model {model} needs a video track", ErrorCode.INVALID_INPUT)

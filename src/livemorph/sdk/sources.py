@@ -1,4 +1,5 @@
-"""Easy video sources for `client.realtime.connect()`: a camera, a file, or numpy frames."""
+"""Easy sources for `client.realtime.connect()`: a camera, a microphone, a file, or numpy
+frames."""
 
 from __future__ import annotations
 
@@ -51,8 +52,48 @@ def camera(
         ) from None
 
 
+def microphone(device: str | None = None) -> MediaPlayer:
+    """Open a microphone, for `live_avatar`: its `.audio` is sent and drives the avatar.
+
+    The default device is PulseAudio's (or PipeWire's) `default`, else ALSA's, on Linux;
+    AVFoundation's default input on macOS. On Windows name the device:
+    `microphone('Microphone (Realtek Audio)')`. `device` is passed to FFmpeg as is
+    (`hw:1` with ALSA, say, or `:1` for AVFoundation's second input).
+    """
+    system = platform.system()
+    if system == "Darwin":
+        attempts = [(device or ":default", "avfoundation")]
+    elif system == "Windows":
+        if not device:
+            raise LivemorphError(
+                "on Windows, name the microphone: microphone('Microphone (Realtek Audio)')",
+                ErrorCode.INVALID_INPUT,
+            )
+        attempts = [(f"audio={device}", "dshow")]
+    elif device:
+        attempts = [(device, "pulse"), (device, "alsa")]
+    else:
+        attempts = [("default", "pulse"), ("default", "alsa")]
+    failures: list[str] = []
+    for source, fmt in attempts:
+        try:
+            player = MediaPlayer(source, format=fmt)
+        except Exception as exc:
+            failures.append(f"{fmt} {source}: {exc}")
+            continue
+        if player.audio is not None:
+            return player
+        failures.append(f"{fmt} {source}: no audio stream")
+    raise LivemorphError(
+        f"cannot open a microphone ({'; '.join(failures)})", ErrorCode.INVALID_INPUT
+    )
+
+
 def file(path: str, *, loop: bool = False) -> MediaPlayer:
-    """Play a video file (anything FFmpeg reads) as if it were a camera."""
+    """Play a media file (anything FFmpeg reads) as if it were a camera or a microphone.
+
+    A video model sends its `.video`; `live_avatar` sends its `.audio`.
+    """
     try:
         return MediaPlayer(str(path), loop=loop)
     except Exception as exc:
