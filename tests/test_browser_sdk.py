@@ -569,7 +569,7 @@ def test_real_server_refusals_carry_codes(page: Any, grade_server: LiveServer) -
             badKey: await code(bad.realtime.connect(stream, { model: "mirage" })),
             notAllowed: await code(asToken.realtime.connect(stream, { model: "mirage_v2" })),
             unknown: await code(good.realtime.connect(stream, { model: custom })),
-            notServed: await code(good.realtime.connect(stream, { model: "live_avatar" })),
+            noPortrait: await code(good.realtime.connect(stream, { model: "live_avatar" })),
             noSession: await code(good.realtime.subscribe({ token: gone })),
             mintWithToken: await code(asToken.tokens.create()),
             mintWithBadKey: await code(bad.tokens.create()),
@@ -586,7 +586,8 @@ def test_real_server_refusals_carry_codes(page: Any, grade_server: LiveServer) -
     assert results["notAllowed"][0] == "WEB_RTC_ERROR"
     assert "permission denied" in results["notAllowed"][1]
     assert results["unknown"][0] == "MODEL_NOT_FOUND"
-    assert results["notServed"][0] == "MODEL_NOT_FOUND"
+    assert results["noPortrait"][0] == "INVALID_INPUT"  # refused before any socket opens
+    assert "live_avatar needs a portrait" in results["noPortrait"][1]
     assert results["noSession"][0] == "WEB_RTC_ERROR"
     assert "invalid session" in results["noSession"][1]
     assert results["mintWithToken"][0] == "TOKEN_CREATE_ERROR"

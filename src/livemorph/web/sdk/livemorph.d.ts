@@ -77,6 +77,15 @@ export type ImageInput = Blob | File | ArrayBuffer | ArrayBufferView | string;
 /** Plain base64 of an image (Blob, File, bytes, data: URL, http(s) URL or base64). */
 export declare function imageToBase64(image: ImageInput): Promise<string>;
 
+/**
+ * Plain base64 of a live_avatar portrait: a Blob, File or bytes as they are; a string is a URL
+ * (http(s), relative to the page, or data:) as in the published SDK, or else plain base64.
+ */
+export declare function portraitToBase64(image: ImageInput): Promise<string>;
+
+/** An audio clip for `playAudio`: any format the browser decodes (WAV, MP3, Ogg, ...). */
+export type AudioInput = Blob | File | ArrayBuffer | ArrayBufferView;
+
 export declare function encodeSubscribeToken(sessionId: string, ip: string, port: number): string;
 export declare function decodeSubscribeToken(token: string): {
   sid: string;
@@ -103,8 +112,15 @@ export interface RealTimeClientInitialState {
   image?: ImageInput;
 }
 
+/** live_avatar's portrait: a Blob, a File, an image URL or base64 (see portraitToBase64). */
+export interface AvatarOptions {
+  avatarImage: ImageInput;
+}
+
 export interface RealTimeClientConnectOptions {
   model: ModelDefinition | RealtimeModelName;
+  /** live_avatar only, and required there (`initialState.image` serves too). */
+  avatar?: AvatarOptions;
   onRemoteStream?: (stream: MediaStream) => void;
   initialState?: RealTimeClientInitialState;
   customizeOffer?: (offer: RTCSessionDescriptionInit) => Promise<void> | void;
@@ -146,6 +162,12 @@ export interface RealTimeClient extends Connection {
     image: ImageInput | null,
     options?: { prompt?: string; enhance?: boolean; timeout?: number },
   ): Promise<void>;
+  /**
+   * live_avatar connected with a null stream only: play a clip into the session (not on the
+   * speakers: the voice comes back with the avatar's video). Resolves when the clip has
+   * played; a second call stops the one under way, whose promise then resolves.
+   */
+  playAudio?: (audio: AudioInput) => Promise<void>;
 }
 
 export interface Subscription extends Connection {

@@ -12,6 +12,11 @@
  * connection attempt, so acks and events of a dead attempt never leak into the next; retries
  * with backoff that stop on the protocol's permanent errors; and after a drop the last
  * acknowledged prompt and image are restored before the first frame of the new session.
+ *
+ * live_avatar works as in the published SDK: `connect(null, {model, avatar: {avatarImage}})`
+ * sends the portrait (then the prompt) before the offer, a recvonly video transceiver and an
+ * audio track of silence, and gives the session `playAudio(clip)`, which plays a clip into
+ * that track (never on the speakers); `connect(micStream, ...)` sends the microphone instead.
  */
 
 export const VERSION = "0.1.0";
@@ -994,7 +999,17 @@ class RealtimeClient extends LiveConnection {
     this._prompt = options.prompt || null;
     this._image = options.image || null;
     this._session = null;
+    this._avatar = Boolean(options.avatar);
     for (const name of ["set", "setPrompt", "setImage"]) this[name] = this[name].bind(this);
+    if (options.audio) {
+      const audio = options.audio;
+      /**
+       * live_avatar without a microphone: play a clip (Blob, File or ArrayBuffer) into the
+       * session, not on the speakers; resolves when it has played. A second call stops the
+       * clip under way (whose promise then resolves).
+       */
+      this.playAudio = (clip) => audio.play(clip);
+    }
   }
 
   /** The current session's id, or null before one exists. */
@@ -1061,6 +1076,14 @@ class RealtimeClient extends LiveConnection {
   }
 
   async _prepare(signaling) {
+    if (this._avatar) {
+      // As the published SDK: the portrait alone, then the behaviour prompt, each acked.
+      await signaling.sendImage(this._image, undefined, undefined, IMAGE_TIMEOUT_MS);
+      if (this._prompt) {
+        await signaling.sendPrompt(this._prompt.text, this._prompt.enhance, IMAGE_TIMEOUT_MS);
+      }
+      return;
+    }
     if (this._image) {
       await signaling.sendImage(this._image, this._prompt?.text, this._prompt?.enhance);
     } else if (this._prompt) {
@@ -1081,30 +1104,177 @@ class Subscription extends LiveConnection {
   }
 }
 
-/** A silent audio track, and how to free the AudioContext behind it once the session ends. */
-function silentAudio() {
-  const context = new AudioContext();
-  const destination = context.createMediaStreamDestination();
-  const source = context.createConstantSource();
-  source.offset.value = 0;
-  source.connect(destination);
-  source.start();
-  return { stream: destination.stream, release: () => context.close().catch(() => {}) };
+// -- live_avatar: the portrait and the voice ---------------------------------------------------
+
+/** How long playAudio waits for the browser to let its AudioContext run. */
+const AUDIO_RESUME_TIMEOUT_MS = 2_000;
+
+/**
+ * The audio a live_avatar session sends when it has no microphone, as the published SDK makes
+ * it: an AudioContext whose MediaStream destination carries silence (a gain-0 oscillator keeps
+ * the track sending) until `play` decodes a clip and plays it into that destination, and only
+ * there: the page's speakers never hear it; the person hears the avatar's voice as it comes
+ * back from the server, in step with the mouth.
+ */
+class AvatarAudio {
+  constructor() {
+    this.context = new AudioContext();
+    this.destination = this.context.createMediaStreamDestination();
+    this._oscillator = this.context.createOscillator();
+    const silence = this.context.createGain();
+    silence.gain.value = 0;
+    this._oscillator.connect(silence);
+    silence.connect(this.destination);
+    this._oscillator.start();
+    this.stream = this.destination.stream;
+    this.closed = false;
+    this._current = null; // { source, done } of the clip under way
+    this._turn = 0; // bumps on every play and on close: a clip still decoding is then dropped
+    this.context.resume().catch(() => {}); // may wait for a user gesture: play() asks again
+  }
+
+  /** Play one clip into the connection; resolves when it has played (or was stopped). */
+  async play(audio) {
+    if (this.closed) {
+      throw new LivemorphError(
+        ERROR_CODES.WEB_RTC_ERROR,
+        "Cannot play audio: the session has ended",
+      );
+    }
+    const reading = audioBytes(audio); // refuses what is no audio before anything stops
+    const turn = (this._turn += 1);
+    this.stop(); // a second call stops the clip under way; that one's promise resolves
+    const bytes = await reading;
+    await this._running();
+    let buffer;
+    try {
+      buffer = await this.context.decodeAudioData(bytes);
+    } catch (error) {
+      throw invalidInput(`cannot decode audio: ${error?.message || error}`);
+    }
+    if (turn !== this._turn || this.closed) return; // a later call or disconnect came first
+    const source = this.context.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.destination);
+    await new Promise((resolve) => {
+      const done = () => {
+        if (this._current && this._current.source === source) this._current = null;
+        resolve();
+      };
+      this._current = { source, done };
+      source.onended = done;
+      source.start();
+    });
+  }
+
+  /** Stop the clip under way, if any: the track goes back to silence. */
+  stop() {
+    const current = this._current;
+    this._current = null;
+    if (!current) return;
+    try {
+      current.source.stop();
+    } catch {
+      // never started, or already over
+    }
+    current.done();
+  }
+
+  async _running() {
+    if (this.context.state === "running") return;
+    await Promise.race([
+      this.context.resume().catch(() => {}),
+      new Promise((resolve) => setTimeout(resolve, AUDIO_RESUME_TIMEOUT_MS)),
+    ]);
+    if (this.context.state !== "running") {
+      throw new LivemorphError(
+        ERROR_CODES.INVALID_INPUT,
+        "the browser does not let this page play audio yet: call playAudio() after a click or key press",
+      );
+    }
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    this._turn += 1;
+    this.stop();
+    try {
+      this._oscillator.stop();
+    } catch {
+      // already stopped
+    }
+    this.context.close().catch(() => {});
+  }
 }
 
+/**
+ * The bytes of an audio clip as a fresh ArrayBuffer (decoding detaches the one it is given,
+ * and the caller's stays usable). Throws at once, not in the promise, for what is no clip.
+ */
+function audioBytes(audio) {
+  if (typeof Blob !== "undefined" && audio instanceof Blob) return audio.arrayBuffer();
+  if (audio instanceof ArrayBuffer) return Promise.resolve(audio.slice(0));
+  if (ArrayBuffer.isView(audio)) {
+    const view = new Uint8Array(audio.buffer, audio.byteOffset, audio.byteLength);
+    return Promise.resolve(view.slice().buffer);
+  }
+  throw invalidInput("audio must be a Blob, a File or an ArrayBuffer");
+}
+
+/** A base64 image rather than a URL: long, and nothing but the base64 alphabet. */
+function looksLikeBase64(text) {
+  return text.length >= 100 && /^[A-Za-z0-9+/]+={0,2}$/.test(text);
+}
+
+/**
+ * Plain base64 of the avatar's portrait. As in the published SDK a string is a URL (fetched;
+ * a relative one is read against the page, a `data:` URL is decoded here); a long string of
+ * nothing but base64 is taken as the image itself. Blobs, Files and bytes are read as they are.
+ */
+export async function portraitToBase64(image) {
+  if (typeof image !== "string") return imageToBase64(image);
+  const text = image.trim();
+  if (text.startsWith("data:")) return imageToBase64(text);
+  const compact = text.replace(/\s+/g, "");
+  if (looksLikeBase64(compact)) return plainBase64(compact);
+  let url = null;
+  try {
+    url = new URL(text, globalThis.location ? globalThis.location.href : undefined);
+  } catch {
+    url = null;
+  }
+  if (!text || !url || (url.protocol !== "http:" && url.protocol !== "https:")) {
+    throw invalidInput(
+      "avatarImage must be a Blob, a File, an image URL (http, https, relative or data:) or base64",
+    );
+  }
+  return imageToBase64(url.href);
+}
+
+const NO_PORTRAIT =
+  "live_avatar needs a portrait: pass avatar: { avatarImage } (a Blob, a File or an image URL)";
+
+/** What a session sends and receives: `stream`, recvonly `receive` kinds, its avatar audio. */
 function mediaPlan(modelName, stream) {
   if (stream !== null && stream !== undefined && typeof stream.getTracks !== "function") {
     throw invalidInput("stream must be a MediaStream or null");
   }
   if (modelName === "live_avatar") {
-    const audio = stream ? stream.getAudioTracks() : [];
-    const source = audio.length ? { stream: new MediaStream(audio), release: null } : silentAudio();
-    return { ...source, receive: ["video"] };
+    if (!stream) return { stream: null, receive: ["video"], avatarAudio: true };
+    const audio = stream.getAudioTracks();
+    if (!audio.length) {
+      throw invalidInput(
+        "live_avatar listens to a voice: pass a stream with an audio track (a microphone), " +
+          "or null and play clips with playAudio()",
+      );
+    }
+    return { stream: new MediaStream(audio), receive: ["video"], avatarAudio: false };
   }
   if (!stream || !stream.getVideoTracks().length) {
     throw invalidInput(`model ${modelName} needs a stream with a video track`);
   }
-  return { stream, receive: [], release: null };
+  return { stream, receive: [], avatarAudio: false };
 }
 
 function initialStateOf(state) {
@@ -1130,6 +1300,10 @@ class RealtimeAPI {
    * Start a session that transforms `stream` (a MediaStream; null only for live_avatar) with
    * `options.model`; resolves once the peer connection is up. `initialState` ({prompt:
    * {text, enhance}, image}) is applied before the first frame.
+   *
+   * live_avatar animates `options.avatar.avatarImage` (initialState.image also serves) by a
+   * voice: with `stream` null the session sends silence and gains `playAudio(clip)`; with a
+   * microphone stream, its audio track is sent instead.
    */
   async connect(stream, options = {}) {
     if (!options || typeof options !== "object")
@@ -1139,9 +1313,24 @@ class RealtimeAPI {
       throw new LivemorphError(ERROR_CODES.INVALID_OPTIONS, "onRemoteStream must be a function");
     }
     const { prompt, image: imageInput } = initialStateOf(options.initialState);
-    const image =
-      imageInput === undefined || imageInput === null ? null : await imageToBase64(imageInput);
+    const avatar = model.name === "live_avatar";
+    let portrait = null;
+    if (avatar) {
+      const given = options.avatar;
+      if (given !== undefined && given !== null && typeof given !== "object") {
+        throw new LivemorphError(ERROR_CODES.INVALID_OPTIONS, "avatar must be { avatarImage }");
+      }
+      portrait = given?.avatarImage ?? imageInput;
+      if (portrait === undefined || portrait === null || portrait === "") {
+        throw invalidInput(NO_PORTRAIT);
+      }
+    }
     const plan = mediaPlan(model.name, stream);
+    let image = null;
+    if (avatar) image = await portraitToBase64(portrait);
+    else if (imageInput !== undefined && imageInput !== null)
+      image = await imageToBase64(imageInput);
+    const audio = plan.avatarAudio ? new AvatarAudio() : null;
     const query = new URLSearchParams({
       api_key: this._config.apiKey,
       model: model.name,
@@ -1150,9 +1339,11 @@ class RealtimeAPI {
     const session = new RealtimeClient(`${this._config.wsBaseUrl}${model.urlPath}?${query}`, {
       ...options,
       model: model.name,
-      stream: plan.stream,
+      stream: audio ? audio.stream : plan.stream,
       receive: plan.receive,
-      release: plan.release,
+      release: audio ? () => audio.close() : null,
+      avatar,
+      audio,
       prompt,
       image,
     });
