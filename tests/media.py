@@ -8,6 +8,7 @@ import fractions
 import functools
 import os
 import shutil
+import struct
 import subprocess
 import time
 
@@ -46,7 +47,8 @@ def speech_wav(text: str, *, voice: str = "en", speed: int = 175, amplitude: int
     """`text` spoken by espeak-ng, as a WAV file's bytes (mono s16, 22 050 Hz).
 
     `speed` is in words per minute, `amplitude` 0 to 200. The text goes in on stdin, so
-    nothing in it is read as an option.
+    nothing in it is read as an option. espeak-ng writes a streaming header (it cannot seek
+    back on stdout); its sizes are set right here, so every WAV reader sees the length.
     """
     result = subprocess.run(
         [
@@ -65,9 +67,13 @@ def speech_wav(text: str, *, voice: str = "en", speed: int = 175, amplitude: int
         check=True,
         timeout=60,
     )
-    if not result.stdout.startswith(b"RIFF"):
+    wav = bytearray(result.stdout)
+    data = wav.find(b"data", 12)
+    if not wav.startswith(b"RIFF") or data < 0:
         raise RuntimeError(f"espeak-ng wrote no WAV: {result.stderr.decode(errors='replace')}")
-    return result.stdout
+    struct.pack_into("<I", wav, 4, len(wav) - 8)
+    struct.pack_into("<I", wav, data + 4, len(wav) - data - 8)
+    return bytes(wav)
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
