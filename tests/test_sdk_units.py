@@ -842,11 +842,11 @@ async def test_clip_track_takes_up_the_clock_after_a_gap_instead_of_bursting() -
     track = ClipAudioTrack(clock=lambda: now[0])
     await track.recv()
     now[0] = 5.0  # nobody pulled frames for 5 s (a reconnect)
-    await track.recv()
     started = time.monotonic()
-    now[0] = 5.0 + 0.02
-    await track.recv()  # due now: no sleep, no burst of 250 frames
-    assert time.monotonic() - started < 0.1
+    await track.recv()  # late: sent at once, and the clock starts again from here
+    assert time.monotonic() - started < 0.015
+    await track.recv()  # so the next frame waits its 20 ms instead of bursting 250 frames
+    assert time.monotonic() - started >= 0.015
 
 
 def test_decode_audio_reads_files_bytes_and_arrays(tmp_path: Path) -> None:
