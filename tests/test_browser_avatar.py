@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import statistics
 import time
 import wave
@@ -33,15 +34,18 @@ from PIL import Image
 
 from livemorph.testing import LiveServer, serve
 
-from .browser import chromium
+from .browser import chromium, video_frame
 from .decart_js import published_sdk
 from .fake_signaling import FakeSignaling
+from .media import mean_abs_diff, photo
 
 pytestmark = pytest.mark.browser
 
 PORTRAITS = Path(__file__).parents[1] / "src" / "livemorph" / "web" / "app" / "portraits"
 PORTRAIT = (PORTRAITS / "astronaut.jpg").read_bytes()
 BEHAVIOUR = "Smile warmly and nod occasionally"
+#: Set to a path to keep a screenshot of the demo's avatar mode.
+SCREENSHOT_ENV = "LIVEMORPH_AVATAR_SCREENSHOT"
 
 #: Before any page script: reach the SDK's peer connections, count audio sent to speakers.
 INIT_SCRIPT = """
@@ -474,3 +478,113 @@ def test_the_published_sdk_plays_clips_through_the_avatar(
         assert meter_server.wait_sessions(0) == 0
     finally:
         page.context.close()
+
+
+# -- the demo page's avatar mode ----------------------------------------------------------------
+
+
+def light(page: Any) -> float:
+    return float(video_frame(page, "#output").mean())
+
+
+def test_the_demo_has_an_avatar_mode(browser: Any, meter_server: LiveServer) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{meter_server.base_url}/?model=live_avatar")
+        page.wait_for_function(
+            "() => document.querySelector('#state').textContent === 'generating'",
+            timeout=30_000,
+        )
+        assert page.input_value("#model") == "live_avatar"
+        assert page.evaluate("() => document.querySelector('#output').muted") is False
+        assert page.is_hidden("#camera") and page.is_hidden("#image-row")
+        assert page.is_visible("#portrait-view") and page.is_visible("#avatar-controls")
+        assert page.text_content("#input-caption") == "Portrait"
+        assert page.input_value("#prompt") == BEHAVIOUR
+        assert page.is_visible("#examples button:has-text('Look excited')")
+        page.wait_for_function(
+            "() => document.querySelector('#output').videoWidth === 1280"
+            " && document.querySelector('#output').srcObject.getAudioTracks().length",
+            timeout=15_000,
+        )
+        time.sleep(0.5)
+        quiet = light(page)
+        assert quiet < 0.4 * FULL_LIGHT
+
+        # Play a file: the avatar lights up while it plays, and the page says so.
+        page.set_input_files(
+            "#audio-file",
+            files=[{"name": "tone.wav", "mimeType": "audio/wav", "buffer": tone_wav(2.5, 0.5)}],
+        )
+        page.wait_for_function(
+            "() => document.querySelector('#audio-state').textContent === 'playing tone.wav'"
+        )
+        time.sleep(1.0)
+        assert light(page) > 2.5 * quiet
+        page.wait_for_function(
+            "() => document.querySelector('#audio-state').textContent === ''", timeout=10_000
+        )
+
+        # Another portrait replaces the face at once; a behaviour prompt is applied.
+        before = video_frame(page, "#output")
+        page.click("button.portrait[title='Astronaut (anime)']")
+        page.wait_for_selector("button.portrait[title='Astronaut (anime)'][aria-pressed='true']")
+        time.sleep(1.0)
+        assert mean_abs_diff(before, video_frame(page, "#output")) > 5
+        assert page.get_attribute("#portrait-view", "src").endswith("astronaut-anime.jpg")
+        page.click("#examples button:has-text('Look excited')")
+        assert page.input_value("#prompt") == "Look excited"
+
+        # An uploaded portrait (the camera's astronaut photo, wider) does the same.
+        upload = io.BytesIO()
+        Image.fromarray(photo(640, 480)).save(upload, format="PNG")
+        before = video_frame(page, "#output")
+        page.set_input_files(
+            "#portrait-file",
+            files=[{"name": "me.png", "mimeType": "image/png", "buffer": upload.getvalue()}],
+        )
+        page.wait_for_function(
+            "() => document.querySelector('#portrait-view').src.startsWith('blob:')"
+        )
+        assert page.evaluate(
+            "() => [...document.querySelectorAll('button.portrait')]"
+            ".every((b) => b.getAttribute('aria-pressed') === 'false')"
+        )
+        time.sleep(1.0)
+        assert mean_abs_diff(before, video_frame(page, "#output")) > 5
+        assert page.is_hidden("#error"), page.text_content("#error")
+
+        # Speak: the session restarts with the microphone (Chromium's fake one).
+        old = page.evaluate("() => livemorphDemo.session.sessionId")
+        page.click("#speak")
+        page.wait_for_function(
+            """(old) => {
+              const session = livemorphDemo.session;
+              return session && session.sessionId !== old && session.isConnected();
+            }""",
+            arg=old,
+            timeout=30_000,
+        )
+        assert page.get_attribute("#speak", "aria-pressed") == "true"
+        assert page.evaluate("() => 'playAudio' in livemorphDemo.session") is False
+        assert meter_server.wait_sessions(1) == 1
+        assert page.is_hidden("#error"), page.text_content("#error")
+        page.set_viewport_size({"width": 390, "height": 844})  # the avatar's controls fit a phone
+        assert (
+            page.evaluate(
+                "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            <= 0
+        )
+        if shot := os.environ.get(SCREENSHOT_ENV):
+            page.set_viewport_size({"width": 1280, "height": 860})
+            time.sleep(0.5)
+            page.screenshot(path=shot)
+        page.click("#start")  # Stop
+        assert meter_server.wait_sessions(0) == 0
+        assert not errors, errors
+    finally:
+        context.close()

@@ -1,4 +1,5 @@
-// The demo: the camera restyled live, with everything the SDK offers on one page.
+// The demo: the camera restyled live, with everything the SDK offers on one page; with
+// live_avatar, a portrait that speaks a microphone's voice or an audio file's.
 import { createClient } from "/sdk/livemorph.js";
 import { demoToken, showError, showState } from "/app/shared.js";
 
@@ -12,6 +13,14 @@ const EXAMPLES = [
   "pop art comic",
   "stained glass",
 ];
+/** Behaviour prompts for live_avatar. */
+const BEHAVIOURS = [
+  "Smile warmly and nod occasionally",
+  "Look excited",
+  "Calm and attentive",
+  "Serious news anchor",
+];
+const AVATAR = "live_avatar";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -30,14 +39,32 @@ const ui = {
   image: $("image"),
   preview: $("image-preview"),
   clearImage: $("clear-image"),
+  imageRow: $("image-row"),
   usage: $("usage"),
+  inputCaption: $("input-caption"),
+  outputCaption: $("output-caption"),
+  portraitView: $("portrait-view"),
+  avatar: $("avatar-controls"),
+  portraits: [...document.querySelectorAll("button.portrait")],
+  portraitFile: $("portrait-file"),
+  speak: $("speak"),
+  audioFile: $("audio-file"),
+  audioState: $("audio-state"),
+  unmute: $("unmute"),
 };
 
 let catalog = new Map(); // name -> the server's entry, which the SDK takes as a model
-let camera = null;
+let camera = null; // the local stream: the camera, or in avatar mode the microphone
 let session = null;
 let image = null; // the reference image File, kept for restarts
 let run = 0; // bumps on every start and stop, so a slow start cannot outlive a stop
+let mode = null; // "restyle" or "avatar": what the page shows
+const prompts = { restyle: null, avatar: BEHAVIOURS[0] }; // each mode's prompt, kept apart
+/** A bundled portrait's absolute URL (setImage takes http(s) URLs, not paths). */
+const bundled = (button) => new URL(button.dataset.portrait, location.href).href;
+let portrait = bundled(ui.portraits[0]); // a bundled portrait's URL, or a File
+let portraitUrl = null; // the object URL that shows an uploaded portrait
+let speaking = false; // avatar mode: the microphone (true) or audio files (false)
 
 function model() {
   return catalog.get(ui.model.value);
@@ -46,14 +73,47 @@ function model() {
 async function loadModels() {
   const response = await fetch("/v1/models");
   if (!response.ok) throw new Error(`cannot list models: HTTP ${response.status}`);
-  const usable = (await response.json()).filter((m) => m.available && m.name !== "live_avatar");
+  const usable = (await response.json()).filter((m) => m.available);
   catalog = new Map(usable.map((m) => [m.name, m]));
-  ui.model.replaceChildren(
-    ...usable.map((m) => new Option(`${m.name} · ${m.width}×${m.height} @ ${m.fps} fps`, m.name)),
-  );
+  const label = (m) =>
+    m.name === AVATAR
+      ? `${m.name} · portrait + voice`
+      : `${m.name} · ${m.width}×${m.height} @ ${m.fps} fps`;
+  ui.model.replaceChildren(...usable.map((m) => new Option(label(m), m.name)));
   const wanted = new URLSearchParams(location.search).get("model");
   ui.model.value = [wanted, "mirage"].find((name) => catalog.has(name)) ?? usable[0]?.name ?? "";
-  if (!catalog.size) throw new Error("this server serves no camera model");
+  if (!catalog.size) throw new Error("this server serves no model");
+}
+
+/** Show the controls of the chosen model's mode; each mode keeps its own prompt. */
+function showMode(spec) {
+  const next = spec?.name === AVATAR ? "avatar" : "restyle";
+  if (next === mode) return;
+  if (mode) prompts[mode] = ui.prompt.value;
+  mode = next;
+  const avatar = mode === "avatar";
+  ui.prompt.value = prompts[mode] ?? ui.prompt.value;
+  ui.prompt.placeholder = avatar
+    ? "How the avatar behaves: smile warmly, nod, look excited..."
+    : "Describe a look: anime, watercolor, neon city...";
+  ui.examples.replaceChildren(...(avatar ? BEHAVIOURS : EXAMPLES).map(exampleChip));
+  ui.camera.hidden = avatar;
+  ui.portraitView.hidden = !avatar;
+  ui.inputCaption.textContent = avatar ? "Portrait" : "Camera";
+  ui.outputCaption.textContent = avatar ? "Avatar" : "Transformed";
+  ui.avatar.hidden = !avatar;
+  ui.imageRow.hidden = avatar;
+  ui.output.muted = !avatar; // the avatar's voice plays with its video
+  ui.unmute.hidden = true;
+  if (avatar) showPortrait();
+}
+
+function exampleChip(text) {
+  const chip = document.createElement("button");
+  chip.type = "button";
+  chip.textContent = text;
+  chip.addEventListener("click", () => applyPrompt(text));
+  return chip;
 }
 
 /** The camera, asked for the model's own size and frame rate (ideal values, as the seeds do). */
@@ -71,6 +131,23 @@ function stopCamera() {
   if (camera) for (const track of camera.getTracks()) track.stop();
   camera = null;
   ui.camera.srcObject = null;
+  ui.audioState.textContent = "";
+}
+
+/** Play the output with its sound; where the browser wants a click first, play it muted. */
+function playWithSound() {
+  if (mode !== "avatar") return;
+  ui.output.muted = false;
+  ui.output.play().then(
+    () => {
+      ui.unmute.hidden = true;
+    },
+    () => {
+      ui.output.muted = true;
+      ui.output.play().catch(() => {});
+      ui.unmute.hidden = false;
+    },
+  );
 }
 
 function setRunning(running) {
@@ -83,34 +160,48 @@ function setRunning(running) {
   }
 }
 
+/** The local stream a model takes: the camera, the microphone, or none (audio files). */
+async function openInput(spec) {
+  if (spec.name !== AVATAR) return openCamera(spec);
+  if (!speaking) return null;
+  if (!navigator.mediaDevices?.getUserMedia) {
+    throw new Error("This browser cannot open a microphone here (it needs https or localhost).");
+  }
+  return navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+}
+
 async function start() {
   stop();
   const current = run;
   showError(null);
   const spec = model();
   if (!spec) return;
+  showMode(spec);
   setRunning(true);
   showState("connecting");
   ui.usage.textContent = "0";
   try {
-    const stream = await openCamera(spec);
+    const stream = await openInput(spec);
     if (current !== run) {
-      for (const track of stream.getTracks()) track.stop(); // stopped while it opened
+      if (stream) for (const track of stream.getTracks()) track.stop(); // stopped while it opened
       return;
     }
     camera = stream;
-    ui.camera.srcObject = camera;
+    if (mode === "restyle") ui.camera.srcObject = camera;
     const client = createClient({ apiKey: await demoToken() });
     const prompt = ui.prompt.value.trim();
+    const initialPrompt = prompt ? { text: prompt, enhance: ui.enhance.checked } : undefined;
+    const options =
+      mode === "avatar"
+        ? { avatar: { avatarImage: portrait }, initialState: { prompt: initialPrompt } }
+        : { initialState: { prompt: initialPrompt, image: image ?? undefined } };
     const rt = await client.realtime.connect(camera, {
       model: spec,
       onRemoteStream: (stream) => {
         ui.output.srcObject = stream;
+        playWithSound();
       },
-      initialState: {
-        prompt: prompt ? { text: prompt, enhance: ui.enhance.checked } : undefined,
-        image: image ?? undefined,
-      },
+      ...options,
     });
     if (current !== run) {
       rt.disconnect();
@@ -166,6 +257,55 @@ async function applyPrompt(text) {
   }
 }
 
+/** Show the chosen portrait beside the avatar, and mark its button. */
+function showPortrait() {
+  if (portraitUrl) URL.revokeObjectURL(portraitUrl);
+  portraitUrl = typeof portrait === "string" ? null : URL.createObjectURL(portrait);
+  ui.portraitView.src = portraitUrl ?? portrait;
+  for (const button of ui.portraits) {
+    button.setAttribute("aria-pressed", String(bundled(button) === portrait));
+  }
+}
+
+/** A new portrait: a running avatar takes it at once, as the next frame's face. */
+async function choosePortrait(choice) {
+  showError(null);
+  try {
+    if (session && mode === "avatar") await session.setImage(choice);
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  portrait = choice;
+  showPortrait();
+}
+
+/** Speak (the microphone) or play files: the session restarts with the other input. */
+async function setSpeaking(on) {
+  speaking = on;
+  ui.speak.textContent = on ? "Stop speaking" : "Speak";
+  ui.speak.setAttribute("aria-pressed", String(on));
+  await start();
+  if (on && session) ui.audioState.textContent = "listening to your microphone";
+}
+
+async function playFile(file) {
+  showError(null);
+  try {
+    if (speaking || !session) await setSpeaking(false); // files play into a session without a mic
+    if (!session?.playAudio) return;
+    ui.audioState.textContent = `playing ${file.name}`;
+    const rt = session;
+    await rt.playAudio(file);
+    if (session === rt && ui.audioState.textContent === `playing ${file.name}`) {
+      ui.audioState.textContent = "";
+    }
+  } catch (error) {
+    ui.audioState.textContent = "";
+    showError(error);
+  }
+}
+
 async function applyImage(file) {
   showError(null);
   try {
@@ -196,13 +336,6 @@ function share() {
 }
 
 function wire() {
-  for (const text of EXAMPLES) {
-    const chip = document.createElement("button");
-    chip.type = "button";
-    chip.textContent = text;
-    chip.addEventListener("click", () => applyPrompt(text));
-    ui.examples.append(chip);
-  }
   ui.form.addEventListener("submit", (event) => {
     event.preventDefault();
     applyPrompt(ui.prompt.value);
@@ -216,6 +349,25 @@ function wire() {
     if (file) applyImage(file);
   });
   ui.clearImage.addEventListener("click", () => applyImage(null));
+  for (const button of ui.portraits) {
+    button.addEventListener("click", () => choosePortrait(bundled(button)));
+  }
+  ui.portraitFile.addEventListener("change", () => {
+    const [file] = ui.portraitFile.files;
+    ui.portraitFile.value = "";
+    if (file) choosePortrait(file);
+  });
+  ui.speak.addEventListener("click", () => setSpeaking(!speaking));
+  ui.audioFile.addEventListener("change", () => {
+    const [file] = ui.audioFile.files;
+    ui.audioFile.value = "";
+    if (file) playFile(file);
+  });
+  ui.unmute.addEventListener("click", () => {
+    ui.output.muted = false;
+    ui.output.play().catch(() => {});
+    ui.unmute.hidden = true;
+  });
   ui.output.addEventListener("resize", () => {
     ui.outputSize.textContent = `${ui.output.videoWidth}×${ui.output.videoHeight}`;
   });
@@ -230,4 +382,5 @@ window.livemorphDemo = {
 };
 
 wire();
+showMode(null);
 loadModels().then(start).catch(showError);
