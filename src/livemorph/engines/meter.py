@@ -20,7 +20,11 @@ from ..media.frames import center_crop
 from ..models import ModelSpec
 from .base import AUDIO_RATE, Controls, Engine, EngineRefused, EngineSession
 
-NO_PORTRAIT = "live_avatar needs a portrait: send set_image with image_data"
+#: Says "not allowed" so that the published clients do not retry: only a portrait helps.
+NO_PORTRAIT = (
+    "live_avatar needs a portrait: a session without one is not allowed;"
+    " send set_image with image_data"
+)
 #: Brightness in silence, and the RMS (float samples) that lights the portrait fully.
 FLOOR, FULL_RMS = 0.25, 0.2
 

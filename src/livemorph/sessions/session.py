@@ -95,8 +95,10 @@ class Session:
         if self.pc is not None:
             raise ValueError("this session already has a peer connection")
         if self.pipeline.engine.listens and self.controls.image is None:
+            # "not allowed" tells the published clients not to retry: only a portrait helps
             raise ValueError(
-                f"{self.spec.name} needs a portrait image: send set_image with image_data first"
+                f"{self.spec.name} needs a portrait image: an offer without one is not allowed;"
+                " send set_image with image_data first"
             )
         pc = self.pc = new_peer_connection()
         try:
