@@ -274,7 +274,7 @@ def test_the_mouth_moves_with_speech_and_rests_in_silence(image: np.ndarray, voi
     # the mouth opens (its dark inside shows) while speaking, and never in silence
     spoken_dark = [dark_share(f, box) for f in spoken]
     silent_dark = [dark_share(f, box) for f in silent]
-    assert max(spoken_dark) > 0.08
+    assert max(spoken_dark) > 0.05
     assert max(silent_dark) < 0.02
     # at rest in silence: the mouth region is the portrait's own, give or take head drift
     rest = session(image, options="seed=1,motion=0")
@@ -288,7 +288,7 @@ def test_the_mouth_closes_after_the_voice_stops(image: np.ndarray) -> None:
     box = mouth_box(avatar)
     audio = synthetic()[: 2 * AUDIO_RATE]
     frames = play(avatar, audio, 3.0)  # 2 s of speech, then nothing heard at all
-    assert max(dark_share(f, box) for f in frames[:50]) > 0.08
+    assert max(dark_share(f, box) for f in frames[:50]) > 0.05
     assert max(dark_share(f, box) for f in frames[-15:]) < 0.01
 
 

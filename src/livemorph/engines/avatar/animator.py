@@ -139,10 +139,12 @@ class Animator(ABC):
 # -- the built-in warp ------------------------------------------------------------------
 
 #: The lower lip's drop at full openness, in eye distances; the share of it the jaw takes.
-MAX_OPEN = 0.22
+MAX_OPEN = 0.2
 JAW_SHARE = 0.65
 #: The upper lip's rise, as a share of the opening.
 UPPER_LIFT = 0.12
+#: How far towards the corners the lips part, as a share of the mouth's half width.
+INNER_WIDTH = 0.86
 #: Beyond the mouth corners the lower face stretches over at least this height.
 CHEEK_SPAN = 0.45
 #: Eye half-height and half-width, in eye distances.
@@ -486,7 +488,7 @@ class WarpAnimator(Animator):
             if abs(open_eyes) > 1e-4:
                 # widen (or narrow) the eye opening around its centre
                 eye = _bump(u, v, eu, ev, 0.34, 0.2)
-                dv += 0.22 * open_eyes * (v - ev) * eye
+                dv += 0.13 * open_eyes * (v - ev) * eye
             dv += _blink(u, v, eu, ev, drive.blink)
         return u - du, v - dv
 
@@ -630,7 +632,9 @@ def _mouth_geometry(
     across = u - m["centre"]
     clipped = np.clip(across, -m["half"], m["half"])
     seam = m["a"] * clipped**2 + m["b"] * clipped + m["c"]
-    lens = np.power(np.clip(1.0 - (across / shape.half) ** 2, 0.0, 1.0), shape.power)
+    # the opening stops short of the corners, where the lips stay together
+    reach = INNER_WIDTH * shape.half
+    lens = np.power(np.clip(1.0 - (across / reach) ** 2, 0.0, 1.0), shape.power)
     jaw = shape.jaw * (1.0 - _smoothstep((np.abs(u) - 0.55) / 0.6))
     gap = shape.drop * lens
     rest = np.maximum(jaw - gap, 0.0)
