@@ -178,6 +178,31 @@ def test_landmarks_land_on_the_astronauts_eyes_mouth_and_chin(image: np.ndarray)
     assert marks.mouth[1] < marks.lower_lip[1] < marks.chin[1]
 
 
+def test_on_a_drawn_portrait_the_lip_line_is_found_under_the_teeth() -> None:
+    """The demo's anime astronaut has no lip colour left: the teeth (a bright band between
+    two dark lines) and the traced lip line place the mouth. Hand-measured: the line
+    under the upper teeth's middle, and the corners where the drawn lips meet."""
+    from importlib import resources
+
+    from PIL import Image
+
+    path = resources.files("livemorph.web").joinpath("app/portraits/astronaut-anime.jpg")
+    if not path.is_file():
+        pytest.skip("the demo's drawn portrait is not bundled")
+    with path.open("rb") as file:
+        drawn = np.asarray(Image.open(file).convert("RGB"))
+    marks = find_landmarks(drawn)
+    assert not marks.lips_found
+    assert marks.gap > 0.05  # teeth showing
+    for name, (x, y), tolerance in (
+        ("mouth", (278, 187), 0.1),
+        ("mouth_left", (253, 174), 0.15),
+        ("mouth_right", (310, 173), 0.15),
+    ):
+        fx, fy = getattr(marks, name)
+        assert max(abs(fx - x), abs(fy - y)) / marks.scale < tolerance, (name, (fx, fy))
+
+
 @pytest.mark.parametrize("size", [0.6, 2.5])
 def test_landmarks_follow_the_portrait_when_it_is_scaled_or_mirrored(
     image: np.ndarray, size: float

@@ -14,7 +14,9 @@ inside OpenCV.
      outer lip lines. Inside the lips at their middle, a band that is not red (teeth or
      an open mouth) puts the lip line at its bottom, the top of the lower lip, and is
      kept as `gap`; without one, the lip line is the darkest row between the lips;
-   - without plausible lips, the lip line is the darkest row below the nose;
+   - without plausible lips (a grey or drawn picture): teeth, a bright band between two
+     dark lines across the mouth's middle, put the lip line at the lower one; else the
+     lip line is the darkest row below the nose;
    - each brow is the darkest row band above its eye; the chin the strongest step to
      darker below the mouth, near where the template expects it.
 
@@ -51,6 +53,8 @@ TEMPLATE: dict[str, tuple[float, float]] = {
     "jaw_left": (-0.95, 1.35),
     "jaw_right": (0.95, 1.35),
 }
+#: A traced lip line ends this far out at most (eye distances from the middle).
+MAX_MOUTH_HALF = 0.55
 #: The face crop's resolution: pixels per eye distance.
 CROP_UNIT = 64
 
@@ -374,6 +378,59 @@ def _dark_band(crop: _Crop, u0: float, u1: float, v0: float, v1: float, prior: f
     return best if best_score > 3.0 else prior
 
 
+def _teeth(crop: _Crop) -> tuple[float, float] | None:
+    """Without colour: teeth between the lips, seen as a bright band between two dark
+    lines across the middle of the mouth (as bright as the brighter skin above it, and
+    30 levels brighter than both lines). The lower line is the lip line: its v and the
+    band's height, or None."""
+    r0, r1 = crop.row(0.55), crop.row(1.3)
+    rows = _smooth(crop.lab[r0:r1, crop.col(-0.15) : crop.col(0.15), 0].mean(axis=1), 1.0)
+    v = crop.v(r0 + np.arange(len(rows)))
+    skin = float(np.percentile(rows[v < 0.9], 75))
+    lows = [
+        r
+        for r in range(1, len(rows) - 1)
+        if v[r] > 0.85 and rows[r] <= rows[r - 1] and rows[r] <= rows[r + 1]
+    ]
+    # the first dark line under a bright band, from the top: the lip line under the
+    # upper teeth (a line further down is the lower lip's shadow)
+    for lower_index, lower in enumerate(lows):
+        for upper in reversed(lows[:lower_index]):
+            if not 0.06 <= v[lower] - v[upper] <= 0.3:
+                continue
+            peak = float(rows[upper:lower].max())
+            if peak >= skin - 5.0 and peak - max(rows[upper], rows[lower]) > 30.0:
+                return float(v[lower]), float(v[lower] - v[upper])
+    return None
+
+
+def _follow_line(crop: _Crop, seam: float, side: int) -> tuple[float, float] | None:
+    """Follow the dark lip line from the middle of the mouth towards one side, a column at
+    a time, each step to the darkest of the three rows nearest; the corner is where it is
+    no longer darker than the skin around it, and at most `MAX_MOUTH_HALF` out (a drawn
+    smile's crease carries on from the corner). None if it ends before a quarter of an
+    eye distance (the template's corner stays)."""
+    luma = cv2.GaussianBlur(crop.lab[..., 0].astype(np.float32), (0, 0), 1.0)
+    row = crop.row(seam)
+    reach = max(3, int(0.15 * crop.unit))
+    corner = None
+    misses = 0
+    for col in range(crop.col(0.0), crop.col(MAX_MOUTH_HALF * side), side):
+        column = luma[row - reach : row + reach + 1, col]
+        if column.size < 2 * reach + 1:
+            break
+        row += int(np.argmin(luma[row - 1 : row + 2, col])) - 1
+        if float(np.median(column)) - float(luma[row, col]) > 8.0:
+            corner, misses = (crop.u(col), crop.v(row)), 0
+        else:
+            misses += 1
+            if misses > max(2, crop.unit // 20):
+                break
+    if corner is None or abs(corner[0]) < 0.25:
+        return None
+    return corner
+
+
 def _chin(crop: _Crop, below: float) -> float:
     """The first strong step to darker going down the middle, near the template's chin:
     the shadow under the chin, not the collar further down."""
@@ -427,11 +484,19 @@ def find_landmarks(image: np.ndarray) -> Landmarks:
         gap = lips.pop("gap")[0]
         points.update(lips)
     else:
-        seam = _dark_band(crop, -0.25, 0.25, 0.8, 1.3, TEMPLATE["mouth"][1])
+        teeth = _teeth(crop)
+        if teeth is not None:
+            seam, gap = teeth
+        else:
+            seam = _dark_band(crop, -0.25, 0.25, 0.8, 1.3, TEMPLATE["mouth"][1])
         shift = seam - TEMPLATE["mouth"][1]
         for name in ("mouth", "mouth_left", "mouth_right", "upper_lip", "lower_lip"):
             u, v = TEMPLATE[name]
             points[name] = (u, v + shift)
+        # the corners where the lip line, followed outwards, fades
+        for name, side in (("mouth_left", -1), ("mouth_right", 1)):
+            if (corner := _follow_line(crop, seam, side)) is not None:
+                points[name] = corner
     for side, (eu, _) in (("left_brow", (-0.5, 0.0)), ("right_brow", (0.5, 0.0))):
         points[side] = (eu, _dark_band(crop, eu - 0.2, eu + 0.2, -0.6, -0.1, -0.28))
     chin_v = _chin(crop, points["lower_lip"][1] + 0.25)
