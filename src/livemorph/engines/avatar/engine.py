@@ -59,10 +59,14 @@ NO_MODEL = (
     "not supported yet: leave it out to use the built-in warp animator (no model is ever "
     "downloaded)"
 )
-#: How long after it was heard the voice should go back to the client: the mouth follows
-#: a sound with about 45 ms of lag (the 25 ms analysis window's middle and the 35 ms
-#: attack), on the next frame (20 ms on average at 25 fps), drawn in about 10 ms.
-AUDIO_DELAY = 0.08
+#: How long after it was heard the voice should go back to the client: not at all. The
+#: mouth follows a sound within a frame or two (the analysis window, the 35 ms attack,
+#: the next 40 ms tick), but the voice's own way back (the client's audio jitter buffer)
+#: is longer than the frames': measured end to end (bench/avatar.py --parts session,
+#: espeak-ng syllables), holding it back 80 ms put the mouth 110-125 ms ahead of the
+#: voice at our SDK; with no hold it is 35-41 ms ahead there, and 1-21 ms behind at
+#: `decart==0.0.30` (which shows each frame one interval late).
+AUDIO_DELAY = 0.0
 
 
 def parse_options(text: str) -> dict[str, str]:
