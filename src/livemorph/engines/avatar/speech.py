@@ -180,13 +180,6 @@ class SpeechTracker:
             with self._lock:
                 self._queue.append((chunk.copy(), float(until)))
 
-    def reset(self) -> None:
-        with self._lock:
-            self._queue.clear()
-        self._buffer = np.zeros(WINDOW, np.float32)
-        self._buffer_end = None
-        self.open = self.wide = self.round = self.level = self.activity = 0.0
-
     def recent(self) -> np.ndarray:
         """The last `KEEP` seconds of audio analysed (for animators that want the samples)."""
         return self._recent.copy()
