@@ -51,25 +51,43 @@ def _offset(wanted: float, extent: float, frame: float) -> float:
 
 
 def compose(image: np.ndarray, matrix: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The portrait placed by `matrix` on a `width` x `height` RGB frame."""
+    """The portrait placed by `matrix` (a scale and a shift) on a `width` x `height` RGB
+    frame. A picture made smaller is first shrunk by area averaging, so a large photo does
+    not alias."""
     h, w = image.shape[:2]
     scale = float(matrix[0, 0])
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
-    placed = cv2.warpAffine(
-        image, matrix, (width, height), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
-    )
-    x0, y0 = matrix[0, 2], matrix[1, 2]
+    x0, y0 = float(matrix[0, 2]), float(matrix[1, 2])
+    if scale < 1.0:
+        source = cv2.resize(
+            image,
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        shift = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]])
+        placed = cv2.warpAffine(
+            source, shift, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+    else:
+        placed = cv2.warpAffine(
+            image, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+        )
     x1, y1 = x0 + scale * w, y0 + scale * h
     if x0 <= 0.5 and y0 <= 0.5 and x1 >= width - 0.5 and y1 >= height - 0.5:
         return placed
-    # the uncovered part: the photo scaled to cover, blurred and dimmed
-    cover = max(width / w, height / h)
-    cx = float(np.clip(width / 2 - cover * w / 2, width - cover * w, 0.0))
-    cy = float(np.clip(height / 2 - cover * h / 2, height - cover * h, 0.0))
+    # the uncovered part: the photo scaled to cover, blurred and dimmed (made at 1/16 size)
+    cover = max(width / w, height / h) / 16
     small_w, small_h = max(8, width // 16), max(8, height // 16)
-    shrink = np.array([[cover / 16, 0.0, cx / 16], [0.0, cover / 16, cy / 16]])
+    shrunk = cv2.resize(
+        image, (max(1, round(w * cover)), max(1, round(h * cover))), interpolation=cv2.INTER_AREA
+    )
+    cx = float(np.clip((small_w - shrunk.shape[1]) / 2, small_w - shrunk.shape[1], 0.0))
+    cy = float(np.clip((small_h - shrunk.shape[0]) / 2, small_h - shrunk.shape[0], 0.0))
     backdrop = cv2.warpAffine(
-        image, shrink, (small_w, small_h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT
+        shrunk,
+        np.array([[1.0, 0.0, cx], [0.0, 1.0, cy]]),
+        (small_w, small_h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT,
     )
     sigma = max(1.0, BACKDROP_BLUR * height / 16)
     backdrop = cv2.GaussianBlur(backdrop, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
