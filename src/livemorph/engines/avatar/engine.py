@@ -49,10 +49,16 @@ from .speech import SpeechTracker
 logger = logging.getLogger(__name__)
 
 OPTIONS = ("seed", "motion", "model")
-NO_PORTRAIT = "live_avatar needs a portrait: send set_image with image_data before the offer"
+#: The refusals say "not allowed", as the transport's do, so that the published clients
+#: do not retry: only another picture helps.
+NO_PORTRAIT = (
+    "live_avatar needs a portrait: a session without one is not allowed;"
+    " send set_image with image_data before the offer"
+)
 NO_FACE = (
-    "no face found in the portrait image: live_avatar needs a photo of one face, "
-    "seen from the front, at least 1/12 of the picture's width"
+    "no face found in the portrait image: a portrait without a face is not allowed;"
+    " live_avatar needs a photo of one face, seen from the front, at least 1/12 of the"
+    " picture's width"
 )
 NO_MODEL = (
     "the avatar engine's model option is reserved for a learned lip-sync model, which is "
