@@ -13,9 +13,11 @@ from aiortc.rtp import RtpPacket
 from av import VideoFrame
 
 from livemorph.media.jitter import (
+    AUDIO_PREFETCH,
     LowLatencyJitterBuffer,
     install_low_latency_jitter_buffer,
     install_on_peer_connection,
+    install_short_audio_prefetch,
 )
 
 ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
@@ -272,3 +274,42 @@ def test_unrecovered_loss_resyncs_like_stock_without_duplicates() -> None:
     assert len(fast) == len(set(fast)) and fast == sorted(fast)
     assert len(fast) >= len(stock) > 300
     assert fast_plis > 0 and abs(fast_plis - stock_plis) <= 2
+
+
+def test_audio_is_released_one_packet_later_not_four() -> None:
+    """aiortc holds four 20 ms audio packets before releasing one (80 ms a hop); the short
+    prefetch holds one (the wait for the next packet every aiortc buffer has)."""
+
+    def released_after(buffer: JitterBuffer) -> int:
+        for index in range(10):
+            _, out = buffer.add(rtp(100 + index, 960 * index))
+            if out is not None:
+                assert out.timestamp == 0
+                return index
+        raise AssertionError("nothing released")
+
+    assert released_after(JitterBuffer(capacity=16, prefetch=4)) == 4
+    assert released_after(JitterBuffer(capacity=16, prefetch=AUDIO_PREFETCH)) == 1
+
+
+def test_short_audio_prefetch_goes_on_audio_receivers_only() -> None:
+    class FakeTrack:
+        kind = "audio"
+
+    class FakeReceiver:
+        track = FakeTrack()
+
+    receiver = FakeReceiver()
+    setattr(receiver, ATTRIBUTE, JitterBuffer(capacity=16, prefetch=4))
+    assert install_short_audio_prefetch(receiver) is True  # type: ignore[arg-type]
+    assert getattr(receiver, ATTRIBUTE)._prefetch == AUDIO_PREFETCH
+
+    started = JitterBuffer(capacity=16, prefetch=4)
+    started.add(rtp(1, 1000))
+    setattr(receiver, ATTRIBUTE, started)
+    assert install_short_audio_prefetch(receiver) is False  # type: ignore[arg-type]
+    assert getattr(receiver, ATTRIBUTE) is started
+
+    FakeTrack.kind = "video"
+    setattr(receiver, ATTRIBUTE, JitterBuffer(capacity=512, is_video=True))
+    assert install_short_audio_prefetch(receiver) is False  # type: ignore[arg-type]

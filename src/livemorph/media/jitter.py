@@ -1,9 +1,17 @@
-"""A video jitter buffer for aiortc that hands a frame on as soon as its last packet is in.
+"""A video jitter buffer for aiortc that hands a frame on as soon as its last packet is in,
+and an audio jitter buffer that holds one packet instead of four.
 
 aiortc's `JitterBuffer` releases a frame only when the first packet of the *next* frame
 arrives, ignoring the RTP marker bit that ends a frame. That adds one frame interval
 (40 ms at 25 fps, 100 ms at 10 fps) to every WebRTC hop. `LowLatencyJitterBuffer` keeps all
 of aiortc's behaviour (loss, reordering, PLI, capacity) and adds the marker-bit release.
+
+For audio aiortc prefetches four packets: a 20 ms Opus packet is released only when four
+more have arrived, 80 ms after it could be. The avatar hears the client's voice through
+it, and the client hears the avatar's voice back through another: 160 ms of a round trip,
+and an avatar whose mouth (drawn from what the server heard, sent at once) runs 30-40 ms
+ahead of its voice at an aiortc client (bench/avatar.py). `AUDIO_PREFETCH` packets (one:
+20 ms, the wait for the next packet that aiortc's buffer always has) is what we keep.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ logger = logging.getLogger(__name__)
 # aiortc keeps the buffer in a name-mangled private attribute; we check it before swapping.
 _ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
 _VIDEO_CAPACITY = 512  # what aiortc uses for video
+#: Audio packets held before one is released (aiortc: 4).
+AUDIO_PREFETCH = 1
 _warned = False
 
 
@@ -116,8 +126,43 @@ def install_low_latency_jitter_buffer(receiver: RTCRtpReceiver) -> bool:
     return True
 
 
+def install_short_audio_prefetch(receiver: RTCRtpReceiver) -> bool:
+    """Give an audio receiver a jitter buffer that prefetches `AUDIO_PREFETCH` packets.
+
+    Same conditions as the video buffer: aiortc's own buffer, not yet fed. Returns False
+    (warning once) when aiortc's internals no longer look as expected or it is too late,
+    and for a receiver that is not audio.
+    """
+    current = getattr(receiver, _ATTRIBUTE, None)
+    kind = (
+        receiver.track.kind if receiver.track else getattr(receiver, "_RTCRtpReceiver__kind", None)
+    )
+    if kind != "audio":
+        return False
+    if type(current) is not JitterBuffer or getattr(current, "_is_video", True):
+        _warn_once("aiortc receiver internals changed (%r); keeping its jitter buffer", current)
+        return False
+    if current._prefetch == AUDIO_PREFETCH:
+        return True
+    if current._origin is not None:
+        _warn_once("receiver already got RTP packets; short audio prefetch installed too late")
+        return False
+    setattr(receiver, _ATTRIBUTE, JitterBuffer(capacity=current.capacity, prefetch=AUDIO_PREFETCH))
+    return True
+
+
+def _install(transceiver: object) -> None:
+    kind = getattr(transceiver, "kind", None)
+    receiver = getattr(transceiver, "receiver", None)
+    if kind == "video":
+        install_low_latency_jitter_buffer(receiver)  # type: ignore[arg-type]
+    elif kind == "audio":
+        install_short_audio_prefetch(receiver)  # type: ignore[arg-type]
+
+
 def install_on_peer_connection(pc: RTCPeerConnection) -> None:
-    """Install on every video receiver of `pc`, now and for tracks that appear later.
+    """Install on every receiver of `pc` (video: marker-bit release; audio: short
+    prefetch), now and for tracks that appear later.
 
     Existing transceivers (from `addTransceiver`/`addTrack` or an applied remote offer) get
     it at once; transceivers created later by `setRemoteDescription` get it from the
@@ -125,11 +170,10 @@ def install_on_peer_connection(pc: RTCPeerConnection) -> None:
     creating the connection or at the latest before the remote description's media flows.
     """
     for transceiver in pc.getTransceivers():
-        if transceiver.kind == "video":
-            install_low_latency_jitter_buffer(transceiver.receiver)
+        _install(transceiver)
 
     @pc.on("track")
     def _on_track(track: object) -> None:
         for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video" and transceiver.receiver.track is track:
-                install_low_latency_jitter_buffer(transceiver.receiver)
+            if transceiver.receiver.track is track:
+                _install(transceiver)
