@@ -139,3 +139,57 @@ async def test_the_voice_drives_the_frames_and_comes_back(meter_server: LiveServ
         await audio.close()
         await rt.disconnect()
     assert meter_server.wait_sessions(0) == 0
+
+
+def portrait_of_the_astronaut() -> bytes:
+    from skimage.data import astronaut
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(astronaut()[0:400, 110:410])).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_the_published_client_drives_a_talking_portrait(server: LiveServer) -> None:
+    """decart==0.0.30 against the real avatar engine: the mouth moves while espeak-ng
+    speaks and rests in silence, measured on the frames the client receives."""
+    from tests.media import speech_wav
+
+    clip = speech_wav("Hello, I am speaking to you from orbit. Can you hear me?")
+    tracks: list = []
+    rt = await connect(server, ModelState(image=portrait_of_the_astronaut(), prompt=None), tracks)
+    video = await of_kind(tracks, "video")
+    frames: list[tuple[float, np.ndarray]] = []
+
+    async def drain() -> None:
+        while True:
+            frame = await video.recv()
+            small = frame.reformat(160, 90, format="gray").to_ndarray().astype(np.float32)
+            frames.append((time.monotonic(), small))
+
+    drainer = asyncio.create_task(drain())
+    try:
+        await asyncio.sleep(1.5)
+        spoken = time.monotonic()
+        await rt.play_audio(clip)
+        quiet = time.monotonic()
+        await asyncio.sleep(1.5)
+    finally:
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
+        await rt.disconnect()
+    assert frames[0][1].shape == (90, 160)
+    stamps = np.array([t for t, _ in frames])
+    change = np.abs(np.diff(np.stack([f for _, f in frames]), axis=0))
+    stamps = stamps[1:]
+    speaking = change[(stamps > spoken + 0.3) & (stamps < quiet)]
+    silent = change[(stamps > quiet + 0.5) | (stamps < spoken)]
+    # the block (12x12 of 160x90) that moves most while speaking: the mouth
+    block = max(
+        ((y, x) for y in range(0, 78, 6) for x in range(0, 148, 6)),
+        key=lambda p: speaking[:, p[0] : p[0] + 12, p[1] : p[1] + 12].mean(),
+    )
+    y, x = block
+    in_speech = speaking[:, y : y + 12, x : x + 12].mean()
+    in_silence = silent[:, y : y + 12, x : x + 12].mean()
+    assert in_speech > 4 * in_silence, (in_speech, in_silence)
+    assert 20 < y < 80, "the moving block is in the face's lower half, not the background"
