@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import fractions
 import functools
+import io
 import os
 import shutil
 import struct
 import subprocess
 import time
+import wave
 
 import numpy as np
 import pytest
@@ -144,3 +146,16 @@ class FrameSink:
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+def tone_wav(seconds: float, amplitude: float, rate: int = 48_000) -> bytes:
+    """A 220 Hz tone as a 16-bit mono WAV file."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (amplitude * 32767 * np.sin(2 * np.pi * 220 * t)).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return buffer.getvalue()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-import wave
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +24,7 @@ from decart.types import ModelState
 from PIL import Image
 
 from livemorph.testing import LiveServer, serve
-from tests.media import FrameSink, photo
+from tests.media import FrameSink, photo, tone_wav
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +40,6 @@ def meter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServe
 def portrait_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(photo(480, 640)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tone_wav(seconds: float, amplitude: float, rate: int = 48_000) -> bytes:
-    """A 220 Hz tone as a 16-bit mono WAV file."""
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (amplitude * 32767 * np.sin(2 * np.pi * 220 * t)).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
     return buffer.getvalue()
 
 

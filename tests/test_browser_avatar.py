@@ -23,7 +23,6 @@ import io
 import os
 import statistics
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from livemorph.testing import LiveServer, serve
 from .browser import chromium, video_frame
 from .decart_js import published_sdk
 from .fake_signaling import FakeSignaling
-from .media import mean_abs_diff, photo
+from .media import mean_abs_diff, photo, tone_wav
 
 pytestmark = pytest.mark.browser
 
@@ -110,19 +109,6 @@ PRELUDE = """
   setInterval(sample, 100);
 }
 """
-
-
-def tone_wav(seconds: float, amplitude: float, rate: int = 48_000) -> bytes:
-    """A 220 Hz tone as a 16-bit mono WAV file."""
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (amplitude * 32767 * np.sin(2 * np.pi * 220 * t)).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
