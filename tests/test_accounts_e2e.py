@@ -99,7 +99,7 @@ async def usage(accounts: Accounts, key: str) -> httpx.Response:
 
 
 async def raw_session(url: str, messages: list[dict[str, Any]]) -> int | None:
-    """Publish a camera over real WebRTC, speaking protocol.md raw. Every message received
+    """Publish a camera over real WebRTC, speaking docs/protocol.md raw. Every message received
     goes into `messages`; returns the close code once the server closes the socket."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(SceneTrack(320, 176, fps=15))

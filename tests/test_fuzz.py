@@ -1,7 +1,7 @@
 """Hostile input: hypothesis-made messages over real WebSockets to a real server, while
 another session streams real video through it.
 
-Every input must get a clear `error` (or a failed ack) or be ignored as protocol.md says;
+Every input must get a clear `error` (or a failed ack) or be ignored as docs/protocol.md says;
 the server must never crash, the streaming session's frames must keep flowing, and the
 stored data must stay consistent. The figures are printed and written to the terminal
 summary (`fuzz: N cases sent, ...`) so they can be quoted.
@@ -296,7 +296,7 @@ def _parses(text: str) -> bool:
     return True
 
 
-# -- what protocol.md says each message must get ----------------------------------------------
+# -- what docs/protocol.md says each message must get ----------------------------------------------
 
 
 def _valid_prompt(value: Any) -> bool:
@@ -317,7 +317,7 @@ def _decodes(data: str) -> bytes | None:
 
 
 def allowed(target: str, frame: str | bytes) -> frozenset[str]:
-    """The outcomes protocol.md allows for one frame sent on a session without media."""
+    """The outcomes docs/protocol.md allows for one frame sent on a session without media."""
     if isinstance(frame, bytes):
         return frozenset({ERROR})
     try:

@@ -560,7 +560,7 @@ def refuse(text: str, code: int = 1008) -> Handler:
 
 
 class StandInSession:
-    """The publishing side of protocol.md in miniature, with a real aiortc answer."""
+    """The publishing side of docs/protocol.md in miniature, with a real aiortc answer."""
 
     def __init__(self) -> None:
         self.first_messages: list[dict[str, Any]] = []

@@ -1,4 +1,4 @@
-"""The WebSocket signaling of protocol.md, spoken raw: errors, acks, refusals."""
+"""The WebSocket signaling of docs/protocol.md, spoken raw: errors, acks, refusals."""
 
 from __future__ import annotations
 

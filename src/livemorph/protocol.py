@@ -1,4 +1,4 @@
-"""Pieces of the wire protocol (see protocol.md) that both the server and the SDK need."""
+"""Pieces of the wire protocol (see docs/protocol.md) that both the server and the SDK need."""
 
 from __future__ import annotations
 

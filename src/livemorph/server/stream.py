@@ -1,6 +1,6 @@
 """The realtime WebSocket endpoints: `/v1/stream` (publish) and `/subscribe/{id}` (watch).
 
-Each WebSocket carries the JSON signaling of protocol.md. Messages are handled in
+Each WebSocket carries the JSON signaling of docs/protocol.md. Messages are handled in
 order, one at a time, so acks come back in the order their requests were sent.
 """
 

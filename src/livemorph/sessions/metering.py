@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The `error` a session hears when its key has no credits left. "permission denied" makes
-#: clients give up at once (protocol.md, Error texts): retrying cannot bring credits back.
+#: clients give up at once (docs/protocol.md, Error texts): retrying cannot bring credits back.
 INSUFFICIENT_CREDITS = (
     "permission denied: insufficient credits, this key has no generation time left"
 )

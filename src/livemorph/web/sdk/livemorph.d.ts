@@ -15,7 +15,7 @@ export declare const ERROR_CODES: {
 };
 export type ErrorCode = (typeof ERROR_CODES)[keyof typeof ERROR_CODES];
 
-/** Error texts after which no client retries (protocol.md, "Error texts"). */
+/** Error texts after which no client retries (docs/protocol.md, "Error texts"). */
 export declare const PERMANENT_ERRORS: readonly string[];
 /** `generation_ended` reasons after which the SDK does not reconnect. */
 export declare const FINAL_END_REASONS: readonly string[];

@@ -2,7 +2,7 @@
  * livemorph's browser SDK: a dependency-free ES module, served by every livemorph server at
  * /sdk/livemorph.js (types beside it at /sdk/livemorph.d.ts).
  *
- * It speaks the wire protocol of protocol.md and offers the API of the published
+ * It speaks the wire protocol of docs/protocol.md and offers the API of the published
  * `@decartai/sdk@0.0.46` (createDecartClient, models.realtime, realtime.connect/subscribe,
  * tokens.create), so apps written for it run unchanged but for the import line:
  *
@@ -34,7 +34,7 @@ export const ERROR_CODES = Object.freeze({
   TIMEOUT: "TIMEOUT",
 });
 
-/** Error texts after which no client may retry (protocol.md, "Error texts"). */
+/** Error texts after which no client may retry (docs/protocol.md, "Error texts"). */
 export const PERMANENT_ERRORS = Object.freeze([
   "permission denied",
   "not allowed",
