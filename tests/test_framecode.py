@@ -10,6 +10,8 @@ import pytest
 from av import VideoFrame
 from bench import framecode
 
+from livemorph.media import encoder as encoder_module
+
 VALUES = [0, 1, 0xFFFFFFFF, 0x80000000, 123456789, 0xDEADBEEF, 4242, 99]
 
 
@@ -28,23 +30,9 @@ def scene(width: int, height: int, shift: int) -> np.ndarray:
 
 
 def vp8_pair(width: int, height: int, bitrate: int) -> tuple[av.CodecContext, av.CodecContext]:
-    """Encoder and decoder set up as aiortc sets up its VP8 (realtime, CBR, no lag)."""
-    encoder = av.CodecContext.create("libvpx", "w")
-    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-    encoder.bit_rate = bitrate
-    encoder.gop_size = 3000
-    encoder.qmin, encoder.qmax = 2, 56
-    encoder.options = {
-        "bufsize": str(bitrate),
-        "cpu-used": "-6",
-        "deadline": "realtime",
-        "lag-in-frames": "0",
-        "minrate": str(bitrate),
-        "maxrate": str(bitrate),
-        "noise-sensitivity": "4",
-        "undershoot-pct": "100",
-        "static-thresh": "1",
-    }
+    """The server's VP8 encoder, built by media/encoder.py itself (no copy of its settings
+    to drift), and a decoder."""
+    encoder = encoder_module._open_codec(av.VideoFrame(width, height, "yuv420p"), bitrate)
     return encoder, av.CodecContext.create("libvpx", "r")
 
 
