@@ -150,7 +150,7 @@ class AudioTap:
         if self._echo is not None:
             self._echo.push(frame, heard)
         chunks = [
-            np.frombuffer(out.planes[0], np.float32)[: out.samples]
+            np.frombuffer(memoryview(out.planes[0]), np.float32)[: out.samples]
             for out in self._resampler.resample(_detached(frame))
         ]
         if chunks:

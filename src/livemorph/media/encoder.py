@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from typing import cast
 
 import av
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs import vpx
+from av.frame import Frame
+from av.video.codeccontext import VideoCodecContext
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +38,25 @@ class RealtimeVp8Encoder(vpx.Vp8Encoder):
     """aiortc's VP8 encoder with `TUNED_OPTIONS`; everything else (bitrate control,
     packetisation, keyframes on request) is aiortc's."""
 
-    def encode(self, frame: av.Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         assert isinstance(frame, av.VideoFrame)
         codec = self.codec
-        if codec is not None and (
-            (frame.width, frame.height) != (codec.width, codec.height)
-            or abs(self.target_bitrate - codec.bit_rate) / codec.bit_rate > 0.1
-        ):
-            self.codec = None  # the same rule as aiortc's, which would rebuild it stock
+        if codec is not None:
+            bit_rate = codec.bit_rate
+            assert bit_rate is not None  # _open_codec sets it
+            if (frame.width, frame.height) != (codec.width, codec.height) or (
+                abs(self.target_bitrate - bit_rate) / bit_rate > 0.1
+            ):
+                self.codec = None  # the same rule as aiortc's, which would rebuild it stock
         if self.codec is None:
             self.codec = _open_codec(frame, self.target_bitrate)
         return super().encode(frame, force_keyframe)
 
 
-def _open_codec(frame: av.VideoFrame, bitrate: int) -> av.CodecContext:
+def _open_codec(frame: av.VideoFrame, bitrate: int) -> VideoCodecContext:
     """The codec context aiortc's `Vp8Encoder.encode` builds, with `TUNED_OPTIONS`."""
-    codec = av.CodecContext.create("libvpx", "w")
+    # av types create() by codec name; "libvpx" is a video encoder, as aiortc casts it too
+    codec = cast(VideoCodecContext, av.CodecContext.create("libvpx", "w"))
     codec.width = frame.width
     codec.height = frame.height
     codec.bit_rate = bitrate

@@ -42,7 +42,9 @@ def yuv_planes(frame: VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Copies of the Y, U and V planes of a yuv420p frame as 2-D uint8 arrays."""
     planes = []
     for plane in frame.planes:
-        row = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+        row = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(
+            plane.height, plane.line_size
+        )
         planes.append(row[:, : plane.width].copy())
     return planes[0], planes[1], planes[2]
 
@@ -54,11 +56,12 @@ def frame_from_yuv(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> VideoFrame:
     for plane, data in zip(frame.planes, (y, u, v), strict=True):
         stride = plane.line_size
         if stride == data.shape[1]:
-            plane.update(np.ascontiguousarray(data))
+            # av types update()'s input as bytes; any contiguous buffer is what it reads
+            plane.update(np.ascontiguousarray(data))  # type: ignore[arg-type]
         else:
             padded = np.zeros((data.shape[0], stride), dtype=np.uint8)
             padded[:, : data.shape[1]] = data
-            plane.update(padded)
+            plane.update(padded)  # type: ignore[arg-type]  # as above
     return frame
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, overload
 
 import cv2
 import numpy as np
@@ -155,7 +155,11 @@ BOX = (-2.2, -2.5, 2.2, 3.3)
 FACE_AREA = (-1.5, -1.0, 1.5, 2.7)
 
 
-def _smoothstep(x: np.ndarray) -> np.ndarray:
+@overload
+def _smoothstep(x: float) -> float: ...
+@overload
+def _smoothstep(x: np.ndarray) -> np.ndarray: ...
+def _smoothstep(x: float | np.ndarray) -> float | np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
 
@@ -200,7 +204,7 @@ def _planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     yuv = frame.reformat(format="yuv420p")
     out = []
     for plane in yuv.planes:
-        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
         out.append(np.ascontiguousarray(rows[:, : plane.width]))
     return out[0], out[1], out[2]
 
@@ -658,5 +662,5 @@ def _blink(u: np.ndarray, v: np.ndarray, eu: float, ev: float, amount: float) ->
 def _plane(frame: VideoFrame, index: int) -> np.ndarray:
     """A writable (height, width) uint8 view of one plane, without its row padding."""
     plane = frame.planes[index]
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]

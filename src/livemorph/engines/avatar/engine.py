@@ -230,5 +230,5 @@ def _blank(width: int, height: int) -> VideoFrame:
     frame = VideoFrame(width, height, "yuv420p")
     for index, value in ((0, 16), (1, 128), (2, 128)):
         plane = frame.planes[index]
-        np.frombuffer(plane, np.uint8)[:] = value
+        np.frombuffer(memoryview(plane), np.uint8)[:] = value
     return frame

@@ -446,7 +446,9 @@ class NeuralSession(EngineSession):
         )
         net_input = self._input[0]
         for channel, plane in zip((1, 2, 0), planar.planes, strict=True):  # G, B, R planes
-            rows = np.frombuffer(plane, np.float32).reshape(small_h, plane.line_size // 4)
+            rows = np.frombuffer(memoryview(plane), np.float32).reshape(
+                small_h, plane.line_size // 4
+            )
             net_input[channel] = rows[:, :small_w]
         self.stabiliser.denoise(net_input)
         guide = guided.planar_to_yuv(net_input)[0]
@@ -550,7 +552,7 @@ def _lower_priority(nice: int | None) -> None:
 def _plane(frame: VideoFrame, index: int) -> np.ndarray:
     """A writable (height, width) uint8 view of one plane, without its row padding."""
     plane = frame.planes[index]
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]
 
 
