@@ -64,7 +64,7 @@ class Grade:
             y = np.round(np.clip(y, 0, 255) / step) * step
         u = (_RAMP - 128.0) * self.saturation + 128.0 + self.tint_u
         v = (_RAMP - 128.0) * self.saturation + 128.0 + self.tint_v
-        return tuple(np.clip(c, 0, 255).astype(np.uint8) for c in (y, u, v))  # type: ignore[return-value]
+        return tuple(np.clip(c, 0, 255).astype(np.uint8) for c in (y, u, v))
 
 
 def rgb_to_yuv_stats(image: np.ndarray) -> np.ndarray:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import overload
 
 import cv2
+import cv2.data
 import numpy as np
 
 FACE_CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml")
@@ -279,7 +281,11 @@ class _Crop:
     def col(self, u: float) -> int:
         return round((u - self.u0) * self.unit)
 
-    def v(self, row: float) -> float:
+    @overload
+    def v(self, row: float) -> float: ...
+    @overload
+    def v(self, row: np.ndarray) -> np.ndarray: ...
+    def v(self, row: float | np.ndarray) -> float | np.ndarray:
         return self.v0 + row / self.unit
 
     def u(self, col: float) -> float:
@@ -294,7 +300,7 @@ def _lips(crop: _Crop) -> dict[str, tuple[float, float]] | None:
     """The lips by colour, in face coordinates, or None when nothing lip-like is there."""
     r0, r1 = crop.row(0.68), crop.row(1.45)
     c0, c1 = crop.col(-0.8), crop.col(0.8)
-    red = crop.lab[r0:r1, c0:c1, 1].astype(np.uint8)
+    red: np.ndarray = crop.lab[r0:r1, c0:c1, 1].astype(np.uint8)
     red = cv2.GaussianBlur(red, (3, 3), 0)
     _, mask = cv2.threshold(red, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     spread = float(np.percentile(red, 95)) - float(np.percentile(red, 20))
@@ -497,8 +503,8 @@ def find_landmarks(image: np.ndarray) -> Landmarks:
         for name, side in (("mouth_left", -1), ("mouth_right", 1)):
             if (corner := _follow_line(crop, seam, side)) is not None:
                 points[name] = corner
-    for side, (eu, _) in (("left_brow", (-0.5, 0.0)), ("right_brow", (0.5, 0.0))):
-        points[side] = (eu, _dark_band(crop, eu - 0.2, eu + 0.2, -0.6, -0.1, -0.28))
+    for brow, (eu, _) in (("left_brow", (-0.5, 0.0)), ("right_brow", (0.5, 0.0))):
+        points[brow] = (eu, _dark_band(crop, eu - 0.2, eu + 0.2, -0.6, -0.1, -0.28))
     chin_v = _chin(crop, points["lower_lip"][1] + 0.25)
     points["chin"] = (0.0, chin_v)
     jaw_v = 0.5 * (points["mouth"][1] + chin_v) + 0.05

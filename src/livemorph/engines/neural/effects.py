@@ -173,7 +173,7 @@ def effects_from_table(table: dict[str, object], where: str = "effects") -> Effe
         if isinstance(default, tuple):
             items = [raw] * 3 if _is_number(raw) else raw
             if isinstance(items, list) and all(_is_number(v) for v in items):
-                value = tuple(float(v) for v in items)  # type: ignore[arg-type]
+                value = tuple(float(v) for v in items)
         elif isinstance(default, str):
             value = raw if isinstance(raw, str) else None
         elif isinstance(default, int):
@@ -636,7 +636,7 @@ def _texture(kind: str, shape: tuple[int, int]) -> np.ndarray:
     """
     height = shape[0]
     scale = height / _REFERENCE_HEIGHT
-    maker = {
+    makers: dict[str, Callable[..., np.ndarray]] = {
         "marble": _marble,
         "stone": _stone,
         "metal": _brushed,
@@ -648,7 +648,8 @@ def _texture(kind: str, shape: tuple[int, int]) -> np.ndarray:
         "board": _board,
         "chalk": _chalk_grain,
         "screen": _screen,
-    }[kind]
+    }
+    maker = makers[kind]
     texture = maker(shape, scale) if maker is not _brushed else _brushed(shape, scale, kind)
     texture.flags.writeable = False
     return texture

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cv2
+import cv2.data
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def detect(cascade: cv2.CascadeClassifier, gray: np.ndarray) -> list[tuple[int, 
     found = cascade.detectMultiScale(
         gray, scaleFactor=1.15, minNeighbors=4, minSize=(max(16, gray.shape[1] // 12),) * 2
     )
-    boxes = [tuple(int(v) for v in box) for box in found]
-    return sorted(boxes, key=lambda b: -b[2] * b[3])  # type: ignore[return-value]
+    boxes = [(int(x), int(y), int(w), int(h)) for x, y, w, h in found]
+    return sorted(boxes, key=lambda b: -b[2] * b[3])
 
 
 class FaceTracker:

@@ -92,10 +92,10 @@ def fit(
     offset = _box(offset, radius)
     # what the linear fit does not explain: the network's own strokes and texture
     residual = target - (gain * guide + offset)
-    if np.isscalar(texture):
-        offset += np.float32(texture) * residual
-    else:
+    if isinstance(texture, np.ndarray):
         offset += texture * residual
+    else:
+        offset += np.float32(texture) * residual
     return gain, offset
 
 
@@ -122,7 +122,7 @@ def apply(
     size = (width, height)
     fitted = cv2.resize(gain * guide + offset, size, interpolation=cv2.INTER_LINEAR)
     gain_up = cv2.resize(gain, size, interpolation=cv2.INTER_LINEAR)
-    detail = cv2.subtract(
+    detail: np.ndarray = cv2.subtract(
         full, cv2.resize(guide, size, interpolation=cv2.INTER_LINEAR), dtype=cv2.CV_32F
     )
     if coring > 0:

@@ -305,7 +305,7 @@ def _grade(entry: dict) -> Grade:
         saturation=float(entry.get("saturation", 1.0)),
         contrast=float(entry.get("contrast", 1.0)),
         brightness=float(entry.get("brightness", 0.0)),
-        tint=tint,  # type: ignore[arg-type]
+        tint=tint,
     )
 
 
