@@ -71,7 +71,8 @@ def _cmd_serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         # A larger message closes its socket with 1009; 0 lifts the limit.
-        ws_max_size=settings.max_message_bytes or None,
+        # uvicorn annotates int, but hands the value to websockets, where None is no limit.
+        ws_max_size=settings.max_message_bytes or None,  # type: ignore[arg-type]
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
     GracefulServer(config, app.state.livemorph).run()

@@ -746,9 +746,11 @@ class RealtimeAPI:
         await connection._start()
 
 
-def _check_prompt(text: object) -> None:
+def _check_prompt(text: object) -> str:
+    """`text`, once it is a non-empty string."""
     if not isinstance(text, str) or not text.strip():
         raise LivemorphError("prompt must be a non-empty string", ErrorCode.INVALID_INPUT)
+    return text
 
 
 def _model_target(model: Any) -> tuple[str, str]:
@@ -781,8 +783,7 @@ def _initial_state(
         _check_prompt(prompt)
         parsed = (prompt, True)
     elif isinstance(prompt, Mapping):
-        text = prompt.get("text")
-        _check_prompt(text)
+        text = _check_prompt(prompt.get("text"))
         parsed = (text, bool(prompt.get("enhance", True)))
     elif prompt is not None:
         raise LivemorphError(

@@ -141,7 +141,7 @@ class ArrayVideoTrack(MediaStreamTrack):
             raise LivemorphError("fps must be positive", ErrorCode.INVALID_INPUT)
         self.fps = fps
         self._frames = frames
-        self._loop = loop
+        self._repeat = loop
         self._queue: asyncio.Queue[VideoFrame | None] = asyncio.Queue(maxsize=max(1, queue_size))
         self._index = 0
         self._start: float | None = None
@@ -188,7 +188,7 @@ class ArrayVideoTrack(MediaStreamTrack):
             image = source(self._index)
         else:
             assert source is not None
-            if not source or (self._index >= len(source) and not self._loop):
+            if not source or (self._index >= len(source) and not self._repeat):
                 image = None
             else:
                 image = source[self._index % len(source)]

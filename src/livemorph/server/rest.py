@@ -89,7 +89,17 @@ async def list_models(request: Request) -> list[ModelInfo]:
     infos = []
     for name, spec in CATALOG.items():
         engine = engines.engine_name(name)
-        infos.append(ModelInfo(**spec.to_dict(), available=engine is not None, engine=engine))
+        infos.append(
+            ModelInfo(
+                name=spec.name,
+                fps=spec.fps,
+                width=spec.width,
+                height=spec.height,
+                kind=spec.kind,
+                available=engine is not None,
+                engine=engine,
+            )
+        )
     return infos
 
 

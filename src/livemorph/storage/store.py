@@ -236,7 +236,7 @@ class Store:
 
     async def count_api_keys(self) -> int:
         async with self._engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(api_keys))).scalar())
+            return (await conn.execute(select(func.count()).select_from(api_keys))).scalar_one()
 
     async def list_api_keys(self) -> list[ApiKey]:
         async with self._engine.connect() as conn:
@@ -487,10 +487,13 @@ async def _credits(conn: AsyncConnection, key_id: str) -> int | None:
 def _add_daily(conn: Connection, key_id: str, day: date, model: str, seconds: int) -> None:
     """usage_daily[key, day, model] += seconds, as one atomic upsert where the dialect has one."""
     values = {"key_id": key_id, "day": day, "model": model, "seconds": seconds}
-    dialects = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-    upsert = dialects.get(conn.dialect.name)
+    upsert: postgresql.Insert | sqlite.Insert | None = None
+    if conn.dialect.name == "postgresql":
+        upsert = postgresql.insert(usage_daily)
+    elif conn.dialect.name == "sqlite":
+        upsert = sqlite.insert(usage_daily)
     if upsert is not None:
-        statement = upsert(usage_daily).values(**values)
+        statement = upsert.values(**values)
         conn.execute(
             statement.on_conflict_do_update(
                 index_elements=[usage_daily.c.key_id, usage_daily.c.day, usage_daily.c.model],
