@@ -70,6 +70,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import itertools
 import os
 import re
@@ -89,7 +90,7 @@ import onnxruntime as ort
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
 
-from cpu import machine_busy_seconds, process_cpu_seconds
+from cpu import CpuSampler, machine_busy_seconds, process_cpu_seconds
 from latency import (
     VIDEO_TIME_BASE,
     ConnectFn,
@@ -653,22 +654,16 @@ def part_faces(args: argparse.Namespace) -> None:
     held_out_prompts(camera, check)
 
 
-#: Prompts in words of their own (the contact sheet's second half): never used to tune the
-#: face protection, which was set on the 26 one-hot styles above.
-HELD_OUT = (
-    "Studio Ghibli animation style",
-    "1950s comic book",
-    "soft watercolor of a garden",
-    "a sunny Monet garden",
-    "neon synthwave",
-    "black and white detective movie",
-    "subtle blue underwater",
-    "a marble statue in a museum",
-    "carved from grey granite",
-    "made of polished bronze",
-    "a shiny chrome robot",
-    "drawn in chalk on a blackboard",
-)
+def held_out() -> tuple[str, ...]:
+    """The contact sheet's prompts in words of their own (scripts/contact_sheet.py's
+    OWN_WORDS): never used to tune the face protection, which was set on the 26 one-hot
+    styles above."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "contact_sheet.py"
+    spec = importlib.util.spec_from_file_location("contact_sheet", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.OWN_WORDS)
 
 
 def held_out_prompts(camera: VideoFrame, check: FaceCheck) -> None:
@@ -677,7 +672,8 @@ def held_out_prompts(camera: VideoFrame, check: FaceCheck) -> None:
     camera_gradient = gradient_magnitude(luma(camera))[y0:y1, x0:x1].ravel()
     print("\n  held-out prompts (catalog, effects and all), default engine vs faces=0:")
     found = {"default": 0, "faces=0": 0}
-    for prompt in HELD_OUT:
+    prompts = held_out()
+    for prompt in prompts:
         cells = []
         for name, options in (("default", ""), ("faces=0", "faces=0")):
             engine = engine_with(options)
@@ -693,7 +689,7 @@ def held_out_prompts(camera: VideoFrame, check: FaceCheck) -> None:
             engine.close()
         print(f"    {prompt:<34} {'   '.join(cells)}", flush=True)
     print(
-        f"  held-out prompts: face found in {found['default']} of {len(HELD_OUT)} with the "
+        f"  held-out prompts: face found in {found['default']} of {len(prompts)} with the "
         f"default engine, {found['faces=0']} with faces=0",
         flush=True,
     )
@@ -828,21 +824,8 @@ def through_server(server: LiveServer, model: str, prompt: str) -> ConnectFn:
 
 async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse.Namespace) -> None:
     spec = CATALOG[model]
-    samples: list[tuple[float, float, float, float]] = []
-
-    async def sample() -> None:
-        while True:
-            samples.append(
-                (
-                    time.monotonic(),
-                    process_cpu_seconds(server.process.pid),
-                    process_cpu_seconds(os.getpid()),
-                    machine_busy_seconds(),
-                )
-            )
-            await asyncio.sleep(0.25)
-
-    sampler = asyncio.create_task(sample())
+    sampler = CpuSampler(server.process.pid)
+    sampler.start()
     log_start = len(server.log)
     prompts = ("anime", "oil painting")
     results = await asyncio.gather(
@@ -858,12 +841,8 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
         )
     )
     end = time.monotonic() - 1.0  # leave out the teardown
-    sampler.cancel()
-    window = [s for s in samples if end - args.seconds <= s[0] <= end]
-    span = window[-1][0] - window[0][0]
-    server_cpu, client_cpu, machine = (
-        (window[-1][i] - window[0][i]) / span * 100 for i in (1, 2, 3)
-    )
+    sampler.stop()
+    server_cpu, client_cpu, machine = sampler.shares(end - args.seconds, end)
     for result in results:
         print("    " + result.line(), flush=True)
     others = machine - server_cpu - client_cpu
@@ -1079,27 +1058,14 @@ async def _step_run(server: LiveServer, client: str, args: argparse.Namespace) -
     seconds, warmup = args.seconds or 60.0, args.warmup
     source = SteppedSource(spec.width, spec.height, spec.fps)
     log_start = len(server.log)
-    samples: list[tuple[float, float, float, float]] = []
-
-    async def sample() -> None:
-        while True:
-            samples.append(
-                (
-                    time.monotonic(),
-                    process_cpu_seconds(server.process.pid),
-                    process_cpu_seconds(os.getpid()),
-                    machine_busy_seconds(),
-                )
-            )
-            await asyncio.sleep(0.25)
-
-    sampler = asyncio.create_task(sample())
+    sampler = CpuSampler(server.process.pid)
+    sampler.start()
     started = time.monotonic()
     arrivals: list[tuple[float, float]] = []
     try:
         link = await STEP_CLIENTS[client](server, args.model, args.prompt)(source)
     except BaseException:
-        sampler.cancel()
+        sampler.stop()
         raise
     try:
         frame = await asyncio.wait_for(link.track.recv(), timeout=30)
@@ -1111,14 +1077,10 @@ async def _step_run(server: LiveServer, client: str, args: argparse.Namespace) -
             frame = await asyncio.wait_for(link.track.recv(), timeout=10)
             arrivals.append((time.monotonic(), mean_luma(frame)))
     finally:
-        sampler.cancel()
+        sampler.stop()
         source.stop()
         await link.close()
-    window = [s for s in samples if window_start <= s[0] <= deadline]
-    span = window[-1][0] - window[0][0]
-    server_cpu, client_cpu, machine = (
-        (window[-1][i] - window[0][i]) / span * 100 for i in (1, 2, 3)
-    )
+    server_cpu, client_cpu, machine = sampler.shares(window_start, deadline)
     # Only the steps whose whole held period lies in the measured window; thirds of that span.
     outcomes = [
         (t0, outcome)
