@@ -212,7 +212,7 @@ def engine_with(
 ) -> neural.NeuralEngine:
     """An engine at the start size (unless `options` names one) with `options`, on
     `shared`'s loaded networks if given; `inline`: its helper work (face detection, the
-    chroma guide) runs in the calling thread instead of beside the network."""
+    chroma planes) runs in the calling thread instead of beside the network."""
     engine = neural.NeuralEngine(",".join(filter(None, (PINNED, options))))
     if shared is not None:
         engine._networks = shared.networks

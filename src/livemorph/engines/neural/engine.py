@@ -37,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import cv2
@@ -186,7 +186,7 @@ class NeuralEngine(Engine):
 
     @property
     def helpers(self) -> ThreadPoolExecutor:
-        """Threads for work that runs beside the network (face detection, the chroma guide)."""
+        """Threads for work that runs beside the network (face detection, the chroma planes)."""
         with self._lock:
             if self._helpers is None:
                 self._helpers = ThreadPoolExecutor(
@@ -437,8 +437,6 @@ class NeuralSession(EngineSession):
         width, height = self.spec.width, self.spec.height
         strength = float(np.clip(look.strength, 0.0, 1.0))
         y_camera = _plane(camera, 0)
-        # the half-size luma guides the chroma planes; it needs only the camera: beside the net
-        half_guide = self.engine.helpers.submit(_half_luma, y_camera)
 
         small_w, small_h = self.size
         planar = self._down.reformat(
@@ -471,7 +469,7 @@ class NeuralSession(EngineSession):
         coring = guided.CORING * strength
         # the chroma planes on a helper, beside the luma plane here: 3 ms less per frame
         chroma = self.engine.helpers.submit(
-            self._chroma, guide, yuv, mask, half_guide, output, coring
+            self._chroma, guide, yuv, mask, y_camera, output, coring
         )
         gain, offset = self._fit(guide, yuv[0], mask, luma=True)
         guided.apply(gain, offset, guide, y_camera, _plane(output, 0), coring, keep=mask)
@@ -489,13 +487,13 @@ class NeuralSession(EngineSession):
         guide: np.ndarray,
         yuv: np.ndarray,
         mask: np.ndarray | None,
-        half_guide: Future[np.ndarray],
+        y_camera: np.ndarray,
         output: VideoFrame,
         coring: float,
     ) -> None:
         """The U and V planes of `output`, guided by the camera luma at their size."""
         self.engine.lower_priority()
-        y_half = half_guide.result()
+        y_half = _half_luma(y_camera)
         for index in (1, 2):
             gain, offset = self._fit(guide, yuv[index], mask, luma=False)
             guided.apply(gain, offset, guide, y_half, _plane(output, index), coring)
