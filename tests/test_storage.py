@@ -1,6 +1,8 @@
 """The storage layer on both backends: migrations, keys, tokens, credits and usage.
 
 Every test here runs twice, on SQLite and on a real PostgreSQL server (tests/postgres.py).
+The store runs on a clock the test moves (tests/support.py), so expiry and the usage day
+are decided by the test, never by when it happens to run.
 """
 
 from __future__ import annotations
@@ -27,11 +29,21 @@ from livemorph.storage import (
     migrate,
 )
 from livemorph.storage.schema import api_keys, client_tokens, metadata
+from tests.support import FakeClock
+
+#: Where the stores' clocks start: a minute before midnight, so a test can cross into the
+#: next UTC day by moving its clock.
+START = datetime(2030, 1, 1, 23, 59, tzinfo=UTC)
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    store = Store(database_url)
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+async def store(database_url: str, clock: FakeClock) -> AsyncIterator[Store]:
+    store = Store(database_url, clock=clock.utc)
     await store.open()
     try:
         yield store
@@ -41,7 +53,7 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 async def reopened(store: Store) -> Store:
     await store.close()
-    again = Store(store.url)
+    again = Store(store.url, store.clock)
     await again.open()
     return again
 
@@ -132,7 +144,7 @@ async def _legacy_key(store: Store) -> tuple[str, str]:
                 "INSERT INTO api_keys (id, name, key_hash, created_at) "
                 "VALUES (:id, 'legacy', :hash, :now)"
             ),
-            {"id": key_id, "hash": hash_secret(secret), "now": datetime.now(UTC)},
+            {"id": key_id, "hash": hash_secret(secret), "now": store.clock()},
         )
     return secret, key_id
 
@@ -177,9 +189,11 @@ async def test_authentication(store: Store) -> None:
         assert await store.authenticate(bad) is None
 
 
-async def test_find_by_id_or_unique_name(store: Store) -> None:
+async def test_find_by_id_or_unique_name(store: Store, clock: FakeClock) -> None:
     _, alice = await store.create_api_key("alice")
+    clock.advance(1)
     _, bob1 = await store.create_api_key("bob")
+    clock.advance(1)
     _, bob2 = await store.create_api_key("bob")
     assert (await store.find_api_key("alice")).id == alice.id
     assert (await store.find_api_key(bob1.id)).id == bob1.id
@@ -190,7 +204,7 @@ async def test_find_by_id_or_unique_name(store: Store) -> None:
     assert [k.id for k in await store.list_api_keys()] == [alice.id, bob1.id, bob2.id]
 
 
-async def test_revoking_refuses_the_key_and_its_tokens(store: Store) -> None:
+async def test_revoking_refuses_the_key_and_its_tokens(store: Store, clock: FakeClock) -> None:
     secret, key = await store.create_api_key("alice")
     token, _ = await store.create_client_token(key.id, expires_in=600)
     _, other = await store.create_api_key("bob")
@@ -200,10 +214,40 @@ async def test_revoking_refuses_the_key_and_its_tokens(store: Store) -> None:
     assert await store.authenticate(secret) is None
     assert await store.authenticate(token) is None
     assert (await store.get_api_key(other.id)).active  # type: ignore[union-attr]
+    clock.advance(60)
     again = await store.revoke_api_key(key.id)
     assert again.revoked_at == revoked.revoked_at, "the first revocation time is kept"
     with pytest.raises(KeyNotFound):
         await store.revoke_api_key("nope")
+
+
+async def test_tokens_expire_on_the_stores_clock(store: Store, clock: FakeClock) -> None:
+    secret, key = await store.create_api_key("alice")
+    assert key.created_at == START
+    token, minted = await store.create_client_token(key.id, expires_in=60)
+    assert minted.expires_at == START + timedelta(seconds=60)
+    clock.advance(59)
+    assert await store.authenticate(token) is not None, "valid until its last second"
+    clock.advance(1)
+    assert await store.authenticate(token) is None, "expired at expires_at itself"
+    assert await store.authenticate(secret) is not None, "the key does not expire"
+    revoked = await store.revoke_api_key(key.id)
+    assert revoked.revoked_at == START + timedelta(seconds=60)
+
+
+async def test_usage_counts_on_the_day_of_the_stores_clock(store: Store, clock: FakeClock) -> None:
+    _, key = await store.create_api_key("alice")
+    await store.start_session_usage("s1", Principal(key_id=key.id), "mirage")
+    await store.record_usage("s1", key.id, "mirage", seconds=2)
+    clock.advance(60)  # past midnight
+    await store.record_usage("s1", key.id, "mirage", seconds=3)
+    await store.end_session_usage("s1", "client_disconnected")
+    assert await store.usage_by_day(key.id) == [
+        UsageDay(date(2030, 1, 1), "mirage", 2),
+        UsageDay(date(2030, 1, 2), "mirage", 3),
+    ]
+    (row,) = await store.session_usage(key.id)
+    assert (row.started_at, row.updated_at, row.ended_at) == (START, clock.utc(), clock.utc())
 
 
 async def test_token_carries_its_limits_and_metadata(store: Store) -> None:
@@ -310,7 +354,7 @@ async def test_usage_takes_credits_and_stops_at_zero(store: Store) -> None:
     assert await store.record_usage("s1", key.id, "mirage", seconds=0) == 0
 
 
-async def test_concurrent_ticks_all_count(store: Store) -> None:
+async def test_concurrent_ticks_all_count(store: Store, clock: FakeClock) -> None:
     """Sessions of one key tick at once: the daily upsert and the credit update are atomic."""
     _, key = await store.create_api_key("alice", credit_seconds=1000)
     principal = Principal(key_id=key.id)
@@ -319,7 +363,7 @@ async def test_concurrent_ticks_all_count(store: Store) -> None:
         await store.start_session_usage(session_id, principal, "mirage")
     ticks = [store.record_usage(s, key.id, "mirage") for s in sessions for _ in range(5)]
     await asyncio.gather(*ticks)
-    assert await store.usage_by_day(key.id) == [UsageDay(datetime.now(UTC).date(), "mirage", 40)]
+    assert await store.usage_by_day(key.id) == [UsageDay(clock.utc().date(), "mirage", 40)]
     assert await store.credits_left(key.id) == 960
     assert {row.seconds for row in await store.session_usage(key.id)} == {5}
 

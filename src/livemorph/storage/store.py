@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -55,6 +56,10 @@ def hash_secret(secret: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+#: What a store asks for the time: an aware UTC datetime. Tests hand in one they move.
+WallClock = Callable[[], datetime]
 
 
 def _aware(moment: datetime) -> datetime:
@@ -177,10 +182,16 @@ _KEY_COLUMNS = (
 
 
 class Store:
-    """The storage layer; `url` is a SQLAlchemy URL (SQLite by default, or PostgreSQL)."""
+    """The storage layer; `url` is a SQLAlchemy URL (SQLite by default, or PostgreSQL).
 
-    def __init__(self, url: str) -> None:
+    Every "now" the store writes or compares (creation and revocation times, token expiry,
+    the day usage counts for) comes from `clock`, so a test can expire a token or cross
+    midnight by moving a clock of its own rather than by waiting.
+    """
+
+    def __init__(self, url: str, clock: WallClock = utcnow) -> None:
         self.url = async_database_url(url)
+        self.clock = clock
         self.dialect = make_url(self.url).get_backend_name()
         options: dict[str, Any] = {}
         if self.dialect == "postgresql":
@@ -190,9 +201,9 @@ class Store:
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> Store:
+    def in_data_dir(cls, data_dir: Path, clock: WallClock = utcnow) -> Store:
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite+aiosqlite:///{data_dir / 'livemorph.db'}")
+        return cls(f"sqlite+aiosqlite:///{data_dir / 'livemorph.db'}", clock)
 
     async def open(self) -> None:
         """Connect, and migrate the schema to the newest version."""
@@ -220,7 +231,10 @@ class Store:
             raise ValueError("credits cannot be negative")
         secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
         record = ApiKey(
-            id=secrets.token_hex(8), name=name, created_at=utcnow(), credit_seconds=credit_seconds
+            id=secrets.token_hex(8),
+            name=name,
+            created_at=self.clock(),
+            credit_seconds=credit_seconds,
         )
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -276,7 +290,7 @@ class Store:
             await conn.execute(
                 update(api_keys)
                 .where(and_(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)))
-                .values(revoked_at=utcnow())
+                .values(revoked_at=self.clock())
             )
             row = (await conn.execute(select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
         if row is None:
@@ -312,7 +326,7 @@ class Store:
         self, session_id: str, principal: Principal, model: str, at: datetime | None = None
     ) -> None:
         """The usage row of a new session, with the client token that opened it, if any."""
-        now = at or utcnow()
+        now = at or self.clock()
         token = principal.token
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -338,7 +352,7 @@ class Store:
         """
         if seconds <= 0:
             return await self.credits_left(key_id)
-        now = at or utcnow()
+        now = at or self.clock()
         async with self._engine.begin() as conn:
             await conn.run_sync(_add_daily, key_id, now.date(), model, seconds)
             await conn.execute(
@@ -365,7 +379,7 @@ class Store:
             await conn.execute(
                 update(usage_sessions)
                 .where(and_(usage_sessions.c.id == session_id, usage_sessions.c.ended_at.is_(None)))
-                .values(ended_at=at or utcnow(), end_reason=reason[:64])
+                .values(ended_at=at or self.clock(), end_reason=reason[:64])
             )
 
     async def usage_by_day(self, key_id: str, since: date | None = None) -> list[UsageDay]:
@@ -414,7 +428,7 @@ class Store:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[str, ClientToken]:
         secret = CLIENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = utcnow()
+        now = self.clock()
         token = ClientToken(
             id=secrets.token_hex(8),
             key_id=key_id,
@@ -456,7 +470,7 @@ class Store:
                 ).first()
                 if row is None or not hmac.compare_digest(row.token_hash, digest):
                     return None
-                if row.revoked_at is not None or _aware(row.expires_at) <= utcnow():
+                if row.revoked_at is not None or _aware(row.expires_at) <= self.clock():
                     return None
                 token = ClientToken(
                     id=row.id,
