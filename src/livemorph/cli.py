@@ -7,13 +7,13 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
+from typing import Any
 
-from .config import LIMITS, Settings, limit_value
+from .config import Option, Settings, options
 from .logs import install_redaction
 from .storage import AmbiguousKey, KeyNotFound, Store
 
@@ -208,39 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def storage_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", type=Path, help="state directory (env LIVEMORPH_DATA_DIR)")
-        p.add_argument("--database-url", help="SQLAlchemy URL (env LIVEMORPH_DATABASE_URL)")
+        setting_flags(p, ("data_dir", "database_url"))
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--host", help="bind address (env LIVEMORPH_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (env LIVEMORPH_PORT, default 8000)")
-    storage_flags(serve)
-    serve.add_argument(
-        "--engine",
-        help="force one engine on the models of its kind: camera or avatar (env LIVEMORPH_ENGINE)",
-    )
-    serve.add_argument("--public-host", help="address clients reach this node at")
-    serve.add_argument("--log-level", help="debug, info, warning (env LIVEMORPH_LOG_LEVEL)")
-    serve.add_argument(
-        "--admin-key",
-        help="secret that opens /v1/admin/*; prefer env LIVEMORPH_ADMIN_KEY (flags show in ps)",
-    )
-    serve.add_argument(
-        "--no-demo",
-        dest="demo",
-        action="store_false",
-        default=None,
-        help="no demo page at / and no /demo/token, for production (env LIVEMORPH_DEMO=0)",
-    )
-    serve.add_argument(
-        "--text-model",
-        type=Path,
-        metavar="DIR",
-        help="folder with the prompt encoder's weights, for offline machines "
-        "(env LIVEMORPH_TEXT_MODEL; default: fetched once into the cache)",
-    )
-    policy_flags(serve)
-    limit_flags(serve)
+    setting_flags(commands.add_parser("serve", help="run the server"))
 
     models = commands.add_parser("models", help="the neural engine's downloadable weights")
     model_commands = models.add_subparsers(dest="models_command", required=True)
@@ -282,103 +252,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def policy_flags(p: argparse.ArgumentParser) -> None:
-    """Moderation and prompt enhancement (see the README section of that name)."""
-    group = p.add_argument_group("moderation and prompt enhancement")
-    group.add_argument(
-        "--moderation-blocklist",
-        type=Path,
-        help="a word list added to the embedded prompt policy (env LIVEMORPH_MODERATION_BLOCKLIST)",
-    )
-    group.add_argument(
-        "--moderation-url", help="a moderation webhook to POST to (env LIVEMORPH_MODERATION_URL)"
-    )
-    group.add_argument(
-        "--moderation-timeout",
-        type=float,
-        help="seconds before the webhook counts as down (env LIVEMORPH_MODERATION_TIMEOUT, 2)",
-    )
-    group.add_argument(
-        "--enhancer-url",
-        help="OpenAI-compatible API base that expands prompts (env LIVEMORPH_ENHANCER_URL)",
-    )
-    group.add_argument("--enhancer-model", help="its model name (env LIVEMORPH_ENHANCER_MODEL)")
-    group.add_argument(
-        "--enhancer-api-key", help="its bearer key; prefer env LIVEMORPH_ENHANCER_API_KEY"
-    )
-    group.add_argument(
-        "--enhancer-timeout",
-        type=float,
-        help="seconds before the plain prompt is used (env LIVEMORPH_ENHANCER_TIMEOUT, 3)",
-    )
+def setting_flags(parser: argparse.ArgumentParser, names: Collection[str] = ()) -> None:
+    """A flag for each setting (or each one in `names`), derived from its `Settings` field.
+
+    Every flag defaults to None, "not given", so that `settings_from_args` lets the
+    environment stand where no flag was given."""
+    if unknown := set(names) - {option.name for option in options()}:
+        raise ValueError(f"no such settings: {sorted(unknown)}")
+    groups: dict[str | None, argparse._ActionsContainer] = {None: parser}
+    for option in options():
+        if names and option.name not in names:
+            continue
+        group = option.about.group
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        help = option.help.replace("%", "%%")  # argparse formats help with %
+        if option.switch:
+            groups[group].add_argument(
+                option.flag,
+                dest=option.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help,
+            )
+        else:
+            groups[group].add_argument(
+                option.flag,
+                dest=option.name,
+                type=_flag_type(option),
+                metavar=option.about.metavar,
+                help=help,
+            )
 
 
-#: What each limit flag means (README, "Limits"); the defaults are Settings'.
-LIMIT_HELP = {
-    "max_sessions": "sessions on this node",
-    "max_sessions_per_key": "sessions of one key at once (its client tokens included)",
-    "new_session_rate": "new sessions a second per key, sustained",
-    "new_session_burst": "new sessions per key in a burst",
-    "token_mint_rate": "client tokens minted a second per key, sustained",
-    "token_mint_burst": "client tokens minted per key in a burst",
-    "message_rate": "messages a second one WebSocket may send; the excess is dropped",
-    "message_burst": "messages one WebSocket may send in a burst",
-    "max_message_bytes": "the largest WebSocket message; a larger one closes with 1009",
-}
+def _flag_type(option: Option) -> Callable[[str], Any]:
+    """The flag's argparse type: the setting's parser, its error naming the flag."""
 
+    def parse(text: str) -> Any:
+        try:
+            return option.parse(text, option.flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def limit_flags(p: argparse.ArgumentParser) -> None:
-    """`--max-sessions` and the rest: each also `LIVEMORPH_MAX_SESSIONS` etc.; 0 is off."""
-    group = p.add_argument_group("limits (0 switches one off)")
-    for name, kind in LIMITS.items():
-        flag = "--" + name.replace("_", "-")
-        env = "LIVEMORPH_" + name.upper()
-
-        def parse(text: str, kind: type[int] | type[float] = kind, flag: str = flag) -> int | float:
-            try:
-                return limit_value(kind, text, flag)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-
-        default = Settings.__dataclass_fields__[name].default
-        shown = f"{default:g}" if isinstance(default, float) else str(default)
-        group.add_argument(
-            flag, type=parse, metavar="N", help=f"{LIMIT_HELP[name]} (env {env}, {shown})"
-        )
+    return parse
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = Settings.from_env()
+    """Defaults, then the environment, then the flags given.
+
+    Raises ValueError naming the variable when a `LIVEMORPH_*` one cannot be read."""
     overrides = {
-        key: value
-        for key in (
-            "host",
-            "port",
-            "data_dir",
-            "database_url",
-            "engine",
-            "public_host",
-            "log_level",
-            "admin_key",
-            "demo",
-            "text_model",
-            "moderation_blocklist",
-            "moderation_url",
-            "moderation_timeout",
-            "enhancer_url",
-            "enhancer_model",
-            "enhancer_api_key",
-            "enhancer_timeout",
-            *LIMITS,
-        )
-        if (value := getattr(args, key, None)) is not None
+        option.name: value
+        for option in options()
+        if (value := getattr(args, option.name, None)) is not None
     }
-    return replace(settings, **overrides)
+    return replace(Settings.from_env(), **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # a LIVEMORPH_* variable that cannot be read; named
+        print(f"livemorph: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         return _cmd_serve(settings)
     if args.command == "models" and args.models_command == "fetch":

@@ -1,134 +1,56 @@
-"""Server settings: defaults, overridden by environment variables, overridden by flags."""
+"""Server settings: defaults, overridden by environment variables, overridden by flags.
+
+Each setting is declared once, as a field of `Settings`: its type, its default, whether it is
+a secret (`repr=False`) and, in its metadata (`about`), its help text. Its flag
+(`--max-sessions`), its variable (`LIVEMORPH_MAX_SESSIONS`), how its text is read and the
+line `livemorph serve --help` shows are all derived from that field (`options`), so a new
+setting cannot miss one of them nor have them disagree."""
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from types import NoneType
+from typing import Any
 
 from platformdirs import user_data_dir
 
 from .protocol import MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "LIVEMORPH_"
+#: What turns a boolean setting off in the environment; any other text turns it on.
+OFF_WORDS = frozenset({"0", "false", "no", "off"})
+POLICY_GROUP = "moderation and prompt enhancement"
+LIMITS_GROUP = "limits (0 switches one off)"
+
+#: Reads one setting from text: (the field's type, the text, the flag or variable it came
+#: from). Raises ValueError naming that flag or variable, so the user knows what to fix.
+Parse = Callable[[type[Any], str, str], Any]
 
 
 def default_data_dir() -> Path:
     return Path(user_data_dir("livemorph", appauthor=False))
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get(ENV_PREFIX + name)
+def plain_value(kind: type[Any], text: str, name: str) -> Any:
+    """`kind` from its text; a number that is not one is refused by name."""
+    if kind is int or kind is float:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{name} must be {what}, not {text!r}") from None
+    return kind(text)
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    """Unset keeps `default`; 0, false, no or off turn it off, anything else on."""
-    value = _env(name)
-    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
-
-
-@dataclass(slots=True)
-class Settings:
-    """Everything `livemorph serve` can be told; see `livemorph serve --help`."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = field(default_factory=default_data_dir)
-    #: SQLAlchemy URL of the database (`postgresql://...`); default: SQLite in data_dir.
-    database_url: str | None = field(default=None, repr=False)
-    #: The secret that opens /v1/admin/*; without one those routes answer 404.
-    admin_key: str | None = field(default=None, repr=False)
-    #: The address clients use to reach this node (sent in `session_id`); default: the
-    #: host and port the client itself connected to.
-    public_host: str | None = None
-    public_port: int | None = None
-    #: Force one engine for every model (e.g. "passthrough"); default: per-model choice.
-    engine: str | None = None
-    #: Worker threads for engine inference; default: the machine's cores.
-    engine_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
-    log_level: str = "info"
-    #: Release received video frames on the RTP marker bit (see media/jitter.py); turning it
-    #: off restores aiortc's stock receive path, for comparison in bench/latency.py.
-    fast_receive: bool = True
-    #: The demo page at / and its token route (POST /demo/token); turn off for production.
-    demo: bool = True
-    #: A folder with the prompt encoder's weights (all-MiniLM-L6-v2's config.json,
-    #: sentence_bert_config.json, tokenizer.json, model.safetensors); default: found or
-    #: fetched once into the cache (engines/neural/weights.py).
-    text_model: Path | None = None
-    #: A word list added to the embedded prompt policy (format: policy/blocklist.txt).
-    moderation_blocklist: Path | None = None
-    #: A moderation webhook asked after the embedded policy; refuses when it cannot answer.
-    moderation_url: str | None = None
-    moderation_timeout: float = 2.0
-    #: An OpenAI-compatible chat endpoint that expands prompts; default: the engine's own.
-    enhancer_url: str | None = None
-    enhancer_model: str | None = None
-    enhancer_api_key: str | None = field(default=None, repr=False)
-    enhancer_timeout: float = 3.0
-    #: Limits (README, "Limits"): 0 switches one off. Sessions per node, and per key (a
-    #: client token counts for the key that minted it).
-    max_sessions: int = 32
-    max_sessions_per_key: int = 16
-    #: Token buckets per key: new sessions and client tokens a second, and the burst allowed.
-    new_session_rate: float = 5.0
-    new_session_burst: float = 50.0
-    token_mint_rate: float = 10.0
-    token_mint_burst: float = 100.0
-    #: Messages a second one WebSocket may send (and its burst); the excess is dropped.
-    message_rate: float = 50.0
-    message_burst: float = 100.0
-    #: The largest WebSocket message accepted; a larger one closes the socket with 1009.
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        settings = cls()
-        settings.host = _env("HOST") or settings.host
-        settings.port = int(_env("PORT") or settings.port)
-        if (data_dir := _env("DATA_DIR")) is not None:
-            settings.data_dir = Path(data_dir)
-        settings.database_url = _env("DATABASE_URL")
-        settings.admin_key = _env("ADMIN_KEY") or None
-        settings.public_host = _env("PUBLIC_HOST")
-        if (public_port := _env("PUBLIC_PORT")) is not None:
-            settings.public_port = int(public_port)
-        settings.engine = _env("ENGINE")
-        if (threads := _env("ENGINE_THREADS")) is not None:
-            settings.engine_threads = max(1, int(threads))
-        settings.log_level = _env("LOG_LEVEL") or settings.log_level
-        settings.fast_receive = _env_flag("FAST_RECEIVE", settings.fast_receive)
-        settings.demo = _env_flag("DEMO", settings.demo)
-        if text_model := _env("TEXT_MODEL"):
-            settings.text_model = Path(text_model)
-        if (blocklist := _env("MODERATION_BLOCKLIST")) is not None:
-            settings.moderation_blocklist = Path(blocklist)
-        settings.moderation_url = _env("MODERATION_URL")
-        if (timeout := _env("MODERATION_TIMEOUT")) is not None:
-            settings.moderation_timeout = float(timeout)
-        settings.enhancer_url = _env("ENHANCER_URL")
-        settings.enhancer_model = _env("ENHANCER_MODEL")
-        settings.enhancer_api_key = _env("ENHANCER_API_KEY")
-        if (timeout := _env("ENHANCER_TIMEOUT")) is not None:
-            settings.enhancer_timeout = float(timeout)
-        for name, kind in LIMITS.items():
-            if (value := _env(name.upper())) is not None:
-                setattr(settings, name, limit_value(kind, value, ENV_PREFIX + name.upper()))
-        return settings
-
-
-#: The limit settings, each also the flag `--max-sessions` etc. and `LIVEMORPH_MAX_SESSIONS`.
-LIMITS: dict[str, type[int] | type[float]] = {
-    "max_sessions": int,
-    "max_sessions_per_key": int,
-    "new_session_rate": float,
-    "new_session_burst": float,
-    "token_mint_rate": float,
-    "token_mint_burst": float,
-    "message_rate": float,
-    "message_burst": float,
-    "max_message_bytes": int,
-}
+def at_least_one(kind: type[Any], text: str, name: str) -> Any:
+    """A count of workers: 0 or less still means one, as the variable always did."""
+    return max(1, plain_value(kind, text, name))
 
 
 def limit_value(kind: type[int] | type[float], text: str, name: str) -> int | float:
@@ -140,3 +62,274 @@ def limit_value(kind: type[int] | type[float], text: str, name: str) -> int | fl
     if not value >= 0:  # also refuses nan
         raise ValueError(f"{name} must be 0 (off) or more, not {text!r}")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class About:
+    """What a `Settings` field says of itself beyond its type, default and secrecy."""
+
+    help: str
+    parse: Parse = plain_value
+    metavar: str | None = None
+    #: The flag's heading in --help; None: the command's own options.
+    group: str | None = None
+    #: Said in --help in place of the default value: for a factory, or what None means.
+    shown: str | None = None
+
+
+_ABOUT = "livemorph"
+
+
+def about(
+    help: str,
+    *,
+    parse: Parse = plain_value,
+    metavar: str | None = None,
+    group: str | None = None,
+    shown: str | None = None,
+) -> dict[str, About]:
+    """The `metadata` of a `Settings` field: its help text and what else `About` says."""
+    return {_ABOUT: About(help, parse, metavar, group, shown)}
+
+
+def policy(help: str, *, metavar: str | None = None, shown: str | None = None) -> dict[str, About]:
+    return about(help, metavar=metavar, group=POLICY_GROUP, shown=shown)
+
+
+def limit(help: str) -> dict[str, About]:
+    """A limit (README, "Limits"): a number, 0 or more, where 0 switches it off."""
+    return about(help, parse=limit_value, metavar="N", group=LIMITS_GROUP)
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything `livemorph serve` can be told; see `livemorph serve --help`.
+
+    A secret is `repr=False`: out of the logs, and its help prefers the variable."""
+
+    host: str = field(default="127.0.0.1", metadata=about("the address to listen on"))
+    port: int = field(default=8000, metadata=about("the port to listen on"))
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata=about("the state folder", metavar="DIR", shown="a per-user data folder"),
+    )
+    database_url: str | None = field(
+        default=None,
+        repr=False,  # it may hold a password
+        metadata=about(
+            "SQLAlchemy URL of the database, e.g. postgresql://user:pass@host/db",
+            metavar="URL",
+            shown="SQLite in the data folder",
+        ),
+    )
+    admin_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata=about(
+            "the secret that opens /v1/admin/*; without one those routes answer 404",
+            metavar="KEY",
+        ),
+    )
+    # Sent in `session_id`, for a node behind a proxy or a NAT.
+    public_host: str | None = field(
+        default=None,
+        metadata=about(
+            "the address clients reach this node at", shown="the host the client connected to"
+        ),
+    )
+    public_port: int | None = field(
+        default=None,
+        metadata=about(
+            "the port clients reach this node at", shown="the port the client connected to"
+        ),
+    )
+    engine: str | None = field(
+        default=None,
+        metadata=about(
+            "force one engine on the models of its kind, camera or avatar: "
+            "passthrough, neural:size=320x176, meter, ...",
+            metavar="NAME",
+            shown="each model's own",
+        ),
+    )
+    engine_threads: int = field(
+        default_factory=lambda: os.cpu_count() or 2,
+        metadata=about(
+            "worker threads for engine inference",
+            parse=at_least_one,
+            metavar="N",
+            shown="the machine's cores",
+        ),
+    )
+    log_level: str = field(
+        default="info", metadata=about("debug, info, warning or error", metavar="LEVEL")
+    )
+    # media/jitter.py; bench/latency.py compares the two paths.
+    fast_receive: bool = field(
+        default=True,
+        metadata=about(
+            "release received video frames on the RTP marker bit; "
+            "--no-fast-receive restores aiortc's stock receive path"
+        ),
+    )
+    demo: bool = field(
+        default=True,
+        metadata=about(
+            "the demo page at / and its token route (POST /demo/token); --no-demo for production"
+        ),
+    )
+    # The folder holds all-MiniLM-L6-v2's config.json, sentence_bert_config.json,
+    # tokenizer.json and model.safetensors (engines/neural/weights.py).
+    text_model: Path | None = field(
+        default=None,
+        metadata=about(
+            "folder with the prompt encoder's weights, for offline machines",
+            metavar="DIR",
+            shown="fetched once into the cache",
+        ),
+    )
+    moderation_blocklist: Path | None = field(
+        default=None,
+        metadata=policy(
+            "a word list added to the embedded prompt policy, in policy/blocklist.txt's format",
+            metavar="FILE",
+        ),
+    )
+    moderation_url: str | None = field(
+        default=None,
+        metadata=policy(
+            "a moderation webhook to POST to after the embedded policy; "
+            "prompts are refused while it cannot answer",
+            metavar="URL",
+        ),
+    )
+    moderation_timeout: float = field(
+        default=2.0, metadata=policy("seconds before the webhook counts as down", metavar="S")
+    )
+    enhancer_url: str | None = field(
+        default=None,
+        metadata=policy(
+            "OpenAI-compatible API base that expands prompts",
+            metavar="URL",
+            shown="the engine's own",
+        ),
+    )
+    enhancer_model: str | None = field(
+        default=None, metadata=policy("the enhancer's model name", metavar="NAME")
+    )
+    enhancer_api_key: str | None = field(
+        default=None, repr=False, metadata=policy("the enhancer's bearer key", metavar="KEY")
+    )
+    enhancer_timeout: float = field(
+        default=3.0, metadata=policy("seconds before the plain prompt is used", metavar="S")
+    )
+    max_sessions: int = field(default=32, metadata=limit("sessions on this node"))
+    max_sessions_per_key: int = field(
+        default=16, metadata=limit("sessions of one key at once (its client tokens included)")
+    )
+    new_session_rate: float = field(
+        default=5.0, metadata=limit("new sessions a second per key, sustained")
+    )
+    new_session_burst: float = field(
+        default=50.0, metadata=limit("new sessions per key in a burst")
+    )
+    token_mint_rate: float = field(
+        default=10.0, metadata=limit("client tokens minted a second per key, sustained")
+    )
+    token_mint_burst: float = field(
+        default=100.0, metadata=limit("client tokens minted per key in a burst")
+    )
+    message_rate: float = field(
+        default=50.0,
+        metadata=limit("messages a second one WebSocket may send; the excess is dropped"),
+    )
+    message_burst: float = field(
+        default=100.0, metadata=limit("messages one WebSocket may send in a burst")
+    )
+    max_message_bytes: int = field(
+        default=MAX_MESSAGE_BYTES,
+        metadata=limit("the largest WebSocket message; a larger one closes with 1009"),
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The defaults, overridden by each `LIVEMORPH_*` variable set to some text.
+
+        An empty variable counts as unset, so `LIVEMORPH_ENGINE=` in a compose file means
+        the default rather than an engine named "". One that cannot be read raises
+        ValueError naming it."""
+        environ = os.environ if environ is None else environ
+        return cls(
+            **{
+                option.name: option.parse(text, option.env)
+                for option in options()
+                if (text := environ.get(option.env))
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting as the outside sees it, derived from its `Settings` field by `options`."""
+
+    name: str
+    #: The field's type without its None: str, int, float, bool or Path.
+    kind: type[Any]
+    about: About
+    #: Kept out of repr, so kept out of the logs: the help prefers the variable to the
+    #: flag, which any user of the machine can read in `ps`.
+    secret: bool
+    #: The default value, or MISSING for one made by a factory.
+    default: Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def switch(self) -> bool:
+        """A boolean: on the command line `--demo`/`--no-demo`, in the environment a word."""
+        return self.kind is bool
+
+    def parse(self, text: str, name: str) -> Any:
+        """The value `text` gives this setting, read from the flag or variable `name`."""
+        if self.switch:
+            return text.strip().lower() not in OFF_WORDS
+        return self.about.parse(self.kind, text, name)
+
+    @property
+    def help(self) -> str:
+        """The --help text: what it does, its variable and its default."""
+        if self.switch:
+            word, state = ("0", "off") if self.default else ("1", "on")
+            return f"{self.about.help} (env {self.env}={word} turns it {state})"
+        where = f"env {self.env}"
+        if self.secret:
+            where += ", better than the flag, which any user sees in ps"
+        shown = self.about.shown
+        if shown is None and self.default is not MISSING and self.default is not None:
+            shown = f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+        return f"{self.about.help} ({where}" + (f"; default: {shown})" if shown else ")")
+
+
+def _option(setting: Field[Any], hint: Any) -> Option:
+    """The option of one field; a field it cannot be derived from fails here, at import of
+    the CLI and in tests/test_config.py, rather than when someone gives the flag."""
+    if not isinstance(info := setting.metadata.get(_ABOUT), About):
+        raise TypeError(f"Settings.{setting.name} says nothing about itself: give it about(...)")
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    kinds = [kind for kind in (typing.get_args(hint) if union else (hint,)) if kind is not NoneType]
+    if len(kinds) != 1 or kinds[0] not in (str, int, float, bool, Path):
+        raise TypeError(f"Settings.{setting.name}: no way to read a {hint} from text")
+    return Option(setting.name, kinds[0], info, not setting.repr, setting.default)
+
+
+@functools.cache
+def options() -> tuple[Option, ...]:
+    """Every setting, in the order `Settings` declares them."""
+    hints = typing.get_type_hints(Settings)
+    return tuple(_option(setting, hints[setting.name]) for setting in fields(Settings))
