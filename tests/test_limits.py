@@ -36,8 +36,9 @@ from livemorph.server.state import AppState
 from livemorph.sessions import SessionRegistry
 from livemorph.storage import Principal, Store
 from livemorph.testing import LiveServer, serve
+from tests.inprocess import serve_in_process
 from tests.media import FrameSink, SceneTrack
-from tests.support import eventually
+from tests.support import FakeClock, eventually
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -67,29 +68,19 @@ LIMIT_FLAGS = (
 )
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # -- the pieces, without a server ----------------------------------------------------------
 
 
 def test_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(rate=2.0, burst=3, clock=clock)
     assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take() == pytest.approx(0.5), "one token comes back in 1/rate seconds"
-    clock.now += 0.25
+    clock.advance(0.25)
     assert bucket.take() == pytest.approx(0.25)
-    clock.now += 0.25
+    clock.advance(0.25)
     assert bucket.take() == 0.0
-    clock.now += 3600
+    clock.advance(3600)
     assert bucket.full
     assert [bucket.take() for _ in range(4)][-1] > 0, "refills only up to the burst"
 
@@ -101,14 +92,14 @@ def test_token_bucket_refuses_impossible_figures(rate: float, burst: float) -> N
 
 
 async def test_memory_limiter_keeps_one_bucket_per_name_and_forgets_idle_ones() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = MemoryRateLimiter(rate=1.0, burst=2, clock=clock)
     assert [await limiter.acquire("a") for _ in range(3)][:2] == [0.0, 0.0]
     assert await limiter.acquire("a") > 0
     assert await limiter.acquire("b") == 0.0, "another key has its own bucket"
     for index in range(MemoryRateLimiter.SWEEP_AT):
         await limiter.acquire(f"key-{index}")
-    clock.now += 10  # every bucket refills
+    clock.advance(10)  # every bucket refills
     await limiter.acquire("new")
     assert len(limiter) == 1, "refilled buckets are dropped once there are many"
 
@@ -122,16 +113,16 @@ async def test_a_rate_of_zero_switches_the_limit_off() -> None:
 
 
 def test_message_gate_drops_the_excess_and_says_so_once_per_flood() -> None:
-    clock = Clock()
+    clock = FakeClock()
     gate = MessageGate(rate=10, burst=5, clock=clock, notice_every=5.0)
     decisions = [gate.admit() for _ in range(100)]
     assert decisions[:5] == [(True, False)] * 5
     assert decisions[5] == (False, True), "the first drop is announced"
     assert decisions[6:] == [(False, False)] * 94, "the rest of the flood is dropped quietly"
     assert gate.dropped == 95
-    clock.now += 0.1
+    clock.advance(0.1)
     assert gate.admit() == (True, False), "a sender that slows down gets through again"
-    clock.now += 6
+    clock.advance(6)
     assert [gate.admit() for _ in range(6)][-1] == (False, True), "a later flood is told again"
 
 
@@ -369,10 +360,17 @@ async def test_the_sdk_retries_a_full_key_until_a_place_frees(
 
 
 async def test_a_message_flood_is_dropped_with_one_error_and_frames_keep_flowing(
-    limited: LiveServer,
+    tmp_path,
 ) -> None:
-    key = await new_key(limited, "flooder")
-    async with create_client(api_key=key, base_url=limited.base_url) as client:
+    """In-process, on a clock the test moves: at one message in 100 s, only the test's
+    clock refills the bucket in the time the test takes."""
+    settings = Settings(
+        data_dir=tmp_path, engine="passthrough", message_rate=0.01, message_burst=40
+    )
+    async with (
+        serve_in_process(settings) as server,
+        create_client(api_key=server.api_key, base_url=server.base_url) as client,
+    ):
         rt = await client.realtime.connect(SceneTrack(320, 176), model="mirage")
         errors: list[str] = []
         rt.on("error", lambda error: errors.append(error.message))
@@ -386,14 +384,14 @@ async def test_a_message_flood_is_dropped_with_one_error_and_frames_keep_flowing
             before = output.count
             await eventually(lambda: output.count > before + 10)
             await eventually(lambda: TOO_MANY_MESSAGES in errors)
-            await asyncio.sleep(1.0)  # the bucket refills; what follows is within the rate
+            server.clock.advance(1000)  # ten messages' worth: what follows is within the rate
             await rt.set_prompt("after the flood")
             assert errors == [TOO_MANY_MESSAGES], "one error for the whole flood"
             assert rt.is_connected()
         finally:
             await output.close()
             await rt.disconnect()
-    assert await asyncio.to_thread(limited.wait_sessions, 0) == 0
+        await eventually(lambda: len(server.state.sessions) == 0)
 
 
 async def test_an_oversized_message_closes_with_1009_and_a_reason(limited: LiveServer) -> None:

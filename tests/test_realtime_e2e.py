@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from livemorph import ErrorCode, LivemorphError, RetryPolicy, create_client, models
+from livemorph.config import Settings
+from tests.inprocess import serve_in_process
 from tests.media import FrameSink, SceneTrack, mean_abs_diff, photo
 from tests.support import eventually
 
@@ -102,27 +104,33 @@ async def test_unknown_or_unavailable_model(client, name: str) -> None:
     assert error.value.code is ErrorCode.MODEL_NOT_FOUND
 
 
-async def test_expired_token_refuses_new_sessions_only(client, server) -> None:
-    token = await client.tokens.create(expires_in=2, allowed_models=["mirage"])
-    async with create_client(api_key=token.api_key, base_url=server.base_url) as browser:
-        rt = await browser.realtime.connect(
-            SceneTrack(640, 352), model="mirage", initial_state={"prompt": {"text": "ink"}}
-        )
-        output = FrameSink(rt.video_track)
-        try:
-            await asyncio.sleep(2.5)
-            with pytest.raises(LivemorphError) as error:
-                async with asyncio.timeout(10):
-                    await browser.realtime.connect(
-                        SceneTrack(320, 176), model="mirage", retry=PATIENT
-                    )
-            assert error.value.code is ErrorCode.INVALID_API_KEY
-            await output.fresh()  # the running session goes on
-            assert rt.is_connected()
-            await rt.set_prompt("still steering after expiry")
-        finally:
-            await output.close()
-            await rt.disconnect()
+async def test_expired_token_refuses_new_sessions_only(tmp_path) -> None:
+    """In-process, so the token expires when the test moves the server's clock, however
+    long the first session took to connect."""
+    async with (
+        serve_in_process(Settings(data_dir=tmp_path, engine="passthrough")) as server,
+        create_client(api_key=server.api_key, base_url=server.base_url) as client,
+    ):
+        token = await client.tokens.create(expires_in=2, allowed_models=["mirage"])
+        async with create_client(api_key=token.api_key, base_url=server.base_url) as browser:
+            rt = await browser.realtime.connect(
+                SceneTrack(640, 352), model="mirage", initial_state={"prompt": {"text": "ink"}}
+            )
+            output = FrameSink(rt.video_track)
+            try:
+                server.clock.advance(2)
+                with pytest.raises(LivemorphError) as error:
+                    async with asyncio.timeout(10):
+                        await browser.realtime.connect(
+                            SceneTrack(320, 176), model="mirage", retry=PATIENT
+                        )
+                assert error.value.code is ErrorCode.INVALID_API_KEY
+                await output.fresh()  # the running session goes on
+                assert rt.is_connected()
+                await rt.set_prompt("still steering after expiry")
+            finally:
+                await output.close()
+                await rt.disconnect()
 
 
 async def test_client_token_cannot_mint(client, server) -> None:

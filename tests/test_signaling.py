@@ -14,7 +14,9 @@ from PIL import Image
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from livemorph.config import Settings
 from livemorph.protocol import MAX_IMAGE_BYTES
+from tests.inprocess import serve_in_process
 
 HOST_CANDIDATE = "candidate:1 1 udp 1 1.2.3.4 5 typ host"
 
@@ -184,19 +186,22 @@ async def test_set_image_variants_are_acked(server) -> None:
             assert ack == {"type": "set_image_ack", "success": True}
 
 
-async def test_client_token_limits(server) -> None:
-    async with httpx.AsyncClient(base_url=server.base_url) as http:
-        minted = await http.post(
-            "/v1/client/tokens",
-            headers={"X-API-KEY": server.api_key},
-            json={"allowedModels": ["mirage"], "expiresIn": 1},
-        )
-    token = minted.json()["apiKey"]
-    await expect_fatal(stream_url(server, key=token, model="lucy_2_rt"), "permission denied")
-    async with connect(stream_url(server, key=token, model="mirage")) as ws:
-        assert (await recv_json(ws))["type"] == "session_id"
-    await asyncio.sleep(1.2)
-    await expect_fatal(stream_url(server, key=token, model="mirage"), "invalid api key")
+async def test_client_token_limits(tmp_path) -> None:
+    """In-process, so the token expires when the test moves the server's clock, however
+    long the sessions before that took to open."""
+    async with serve_in_process(Settings(data_dir=tmp_path, engine="passthrough")) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as http:
+            minted = await http.post(
+                "/v1/client/tokens",
+                headers={"X-API-KEY": server.api_key},
+                json={"allowedModels": ["mirage"], "expiresIn": 1},
+            )
+        token = minted.json()["apiKey"]
+        await expect_fatal(stream_url(server, key=token, model="lucy_2_rt"), "permission denied")
+        async with connect(stream_url(server, key=token, model="mirage")) as ws:
+            assert (await recv_json(ws))["type"] == "session_id"
+        server.clock.advance(1)
+        await expect_fatal(stream_url(server, key=token, model="mirage"), "invalid api key")
 
 
 async def test_viewer_of_unknown_session(server) -> None:

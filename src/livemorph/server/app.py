@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,12 +12,23 @@ from fastapi import FastAPI
 
 from .._version import __version__
 from ..config import Settings
+from ..storage.store import WallClock, utcnow
 from . import admin, rest, stream, web
+from .limits import Clock
 from .state import AppState
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    state = AppState.from_settings(settings or Settings.from_env())
+def create_app(
+    settings: Settings | None = None,
+    *,
+    wall_clock: WallClock = utcnow,
+    monotonic_clock: Clock = time.monotonic,
+) -> FastAPI:
+    """The app for `settings` (the environment's by default); the clocks are for tests
+    (see `AppState.from_settings`)."""
+    state = AppState.from_settings(
+        settings or Settings.from_env(), wall_clock=wall_clock, monotonic_clock=monotonic_clock
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

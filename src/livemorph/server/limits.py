@@ -79,7 +79,7 @@ class MemoryRateLimiter:
     SWEEP_AT = 1024
 
     def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
-        TokenBucket(rate, burst)  # validates the figures up front
+        TokenBucket(rate, burst, clock)  # validates the figures up front
         self.rate = rate
         self.burst = burst
         self._clock = clock
@@ -101,9 +101,9 @@ class MemoryRateLimiter:
             del self._buckets[name]
 
 
-def rate_limiter(rate: float, burst: float) -> RateLimiter:
+def rate_limiter(rate: float, burst: float, clock: Clock = time.monotonic) -> RateLimiter:
     """An in-memory limiter, or none at all when `rate` is 0 (the limit is off)."""
-    return MemoryRateLimiter(rate, max(1.0, burst)) if rate > 0 else Unlimited()
+    return MemoryRateLimiter(rate, max(1.0, burst), clock) if rate > 0 else Unlimited()
 
 
 def retry_after(wait: float) -> int:
@@ -113,22 +113,27 @@ def retry_after(wait: float) -> int:
 
 @dataclass(slots=True)
 class Limits:
-    """The per-node and per-key limits `livemorph serve` enforces (see Settings)."""
+    """The per-node and per-key limits `livemorph serve` enforces (see Settings).
+
+    `clock` (monotonic seconds) is what every bucket here refills by, the message gates'
+    included, so a test can refill one by moving a clock instead of waiting."""
 
     max_sessions_per_key: int | None
     new_sessions: RateLimiter
     token_mints: RateLimiter
     message_rate: float
     message_burst: float
+    clock: Clock = time.monotonic
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
+    def from_settings(cls, settings: Settings, clock: Clock = time.monotonic) -> Limits:
         return cls(
             max_sessions_per_key=settings.max_sessions_per_key or None,
-            new_sessions=rate_limiter(settings.new_session_rate, settings.new_session_burst),
-            token_mints=rate_limiter(settings.token_mint_rate, settings.token_mint_burst),
+            new_sessions=rate_limiter(settings.new_session_rate, settings.new_session_burst, clock),
+            token_mints=rate_limiter(settings.token_mint_rate, settings.token_mint_burst, clock),
             message_rate=settings.message_rate,
             message_burst=settings.message_burst,
+            clock=clock,
         )
 
     async def refuse_session(self, key_id: str, sessions: SessionRegistry) -> str | None:
@@ -152,7 +157,7 @@ class Limits:
         return None
 
     def message_gate(self) -> MessageGate:
-        return MessageGate(self.message_rate, self.message_burst)
+        return MessageGate(self.message_rate, self.message_burst, self.clock)
 
 
 class MessageGate:

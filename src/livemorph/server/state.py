@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -11,7 +12,8 @@ from ..policy import EngineEnhancer, Enhancer, Moderator, PolicyModerator, polic
 from ..sessions import SessionRegistry
 from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
-from .limits import Limits
+from ..storage.store import WallClock, utcnow
+from .limits import Clock, Limits
 
 
 @dataclass(slots=True)
@@ -27,11 +29,19 @@ class AppState:
     limits: Limits = field(default_factory=lambda: Limits.from_settings(Settings()))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AppState:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        wall_clock: WallClock = utcnow,
+        monotonic_clock: Clock = time.monotonic,
+    ) -> AppState:
+        """The state `settings` describe. The clocks are for tests: the store's (token
+        expiry, usage days) and the rate limits' (bucket refills)."""
         store = (
-            Store(settings.database_url)
+            Store(settings.database_url, wall_clock)
             if settings.database_url
-            else Store.in_data_dir(settings.data_dir)
+            else Store.in_data_dir(settings.data_dir, wall_clock)
         )
         moderator, enhancer = policy_from_settings(settings)
         return cls(
@@ -45,7 +55,7 @@ class AppState:
             moderator=moderator,
             enhancer=enhancer,
             meter=StoreMeter(store),
-            limits=Limits.from_settings(settings),
+            limits=Limits.from_settings(settings, monotonic_clock),
         )
 
     async def open(self) -> None:
