@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,8 +14,12 @@ from livemorph.engines.base import Controls, EngineSession
 from livemorph.media.slot import LatestSlot, SlotClosed
 from livemorph.models import ModelSpec
 from livemorph.sessions.pipeline import FramePacer, Pipeline
+from tests.support import eventually
 
-SPEC = ModelSpec("test", 25, 64, 32, "test")
+#: A model whose pacer admits any frame that comes after another (its interval is 1 ns),
+#: so what these tests see of frames and controls does not depend on their timing; the
+#: pacer has tests of its own.
+UNPACED = ModelSpec("unpaced", 10**9, 64, 32, "test")
 
 
 async def test_slot_keeps_only_the_newest() -> None:
@@ -58,11 +61,10 @@ def test_pacer_resyncs_after_a_pause() -> None:
 
 
 class RecordingEngine(EngineSession):
-    """Takes `delay` seconds per frame and records what it saw, in order."""
+    """Records what it saw, in order, and the threads it ran on."""
 
-    def __init__(self, delay: float) -> None:
-        super().__init__(SPEC)
-        self.delay = delay
+    def __init__(self) -> None:
+        super().__init__(UNPACED)
         self.events: list[tuple[str, object]] = []
         self.threads: set[str] = set()
 
@@ -71,7 +73,6 @@ class RecordingEngine(EngineSession):
 
     def transform(self, frame: VideoFrame) -> VideoFrame:
         self.threads.add(threading.current_thread().name)
-        time.sleep(self.delay)
         self.events.append(("frame", frame.pts))
         return frame
 
@@ -82,33 +83,57 @@ def make_frame(index: int) -> VideoFrame:
     return frame
 
 
+class GatedEngine(RecordingEngine):
+    """An engine as slow as the test says: each frame waits in `transform` for a `release()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[object] = []
+        self._gate = threading.Semaphore(0)
+
+    def release(self, frames: int = 1) -> None:
+        self._gate.release(frames)
+
+    def transform(self, frame: VideoFrame) -> VideoFrame:
+        self.started.append(frame.pts)
+        if not self._gate.acquire(timeout=10):
+            raise TimeoutError("the test never released this frame")
+        return super().transform(frame)
+
+
 async def test_slow_engine_drops_stale_frames_instead_of_queueing() -> None:
-    engine = RecordingEngine(delay=0.1)
+    engine = GatedEngine()
     with ThreadPoolExecutor(1, thread_name_prefix="engine") as pool:
         pipeline = Pipeline(engine, pool, on_first_frame=lambda: None)
-        for index in range(30):  # a 25 fps camera for 1.2 s into a 10 fps engine
-            pipeline.feed(make_frame(index))
-            await asyncio.sleep(0.04)
-        await asyncio.sleep(0.25)
-        await pipeline.close()
+        try:
+            pipeline.feed(make_frame(0))
+            await eventually(lambda: engine.started == [0])
+            for index in range(1, 30):  # the camera goes on while the engine works on frame 0
+                pipeline.feed(make_frame(index))
+            engine.release()
+            await asyncio.wait_for(pipeline.track.recv(), 10)
+            await eventually(lambda: len(engine.started) == 2)
+            engine.release()
+            await asyncio.wait_for(pipeline.track.recv(), 10)
+        finally:
+            engine.release(30)  # nothing stays blocked, whatever failed
+            await pipeline.close()
     processed = [pts for kind, pts in engine.events if kind == "frame"]
-    assert 6 <= len(processed) <= 14, processed
-    assert pipeline.frames_dropped >= 30 - len(processed) - 1
-    assert processed == sorted(processed)
-    assert processed[-1] >= 27, "the newest frame is processed, not an old one"
+    assert processed == [0, 29], "the newest frame is processed next, not a queue of old ones"
+    assert pipeline.frames_dropped == 28
     assert engine.threads == {"engine_0"}, "engine work runs off the event loop"
 
 
 async def test_controls_apply_before_the_next_frame() -> None:
-    engine = RecordingEngine(delay=0.0)
+    engine = RecordingEngine()
     with ThreadPoolExecutor(1) as pool:
         pipeline = Pipeline(engine, pool, on_first_frame=lambda: None)
         await pipeline.apply(Controls(prompt="first"))
         pipeline.feed(make_frame(1))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(pipeline.track.recv(), 10)  # frame 1 is through the engine
         await pipeline.apply(Controls(prompt="second"))
         pipeline.feed(make_frame(2))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(pipeline.track.recv(), 10)
         await pipeline.close()
     assert engine.events == [
         ("configure", "first"),
@@ -120,12 +145,11 @@ async def test_controls_apply_before_the_next_frame() -> None:
 
 async def test_first_output_frame_is_announced_once() -> None:
     announced: list[int] = []
-    engine = RecordingEngine(delay=0.0)
+    engine = RecordingEngine()
     with ThreadPoolExecutor(1) as pool:
         pipeline = Pipeline(engine, pool, on_first_frame=lambda: announced.append(1))
         for index in range(3):
             pipeline.feed(make_frame(index))
-            await pipeline.track.recv()
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(pipeline.track.recv(), 10)
         await pipeline.close()
     assert announced == [1]
