@@ -745,14 +745,16 @@ async def test_permanent_error_after_connect_stops_without_reconnecting() -> Non
         async with create_client("k", base) as client:
             rt = await client.realtime.connect(ArrayVideoTrack([frame()]), model="mirage")
             errors: list[LivemorphError] = []
+            states: list[str] = []
             rt.on("error", errors.append)
+            rt.on("connection_change", states.append)
             await asyncio.sleep(0)  # buffered connect events flush on the next loop turn
             ws = server.live[0]
             await ws.send(json.dumps({"type": "error", "error": "invalid session"}))
             await ws.close(1008)
             await until(lambda: rt.get_connection_state() == "disconnected")
-            await asyncio.sleep(0.1)
-            assert len(seen) == 1
+            # a reconnect would have said "reconnecting" first, whatever its delay
+            assert "reconnecting" not in states and len(seen) == 1
             assert [e.message for e in errors] == ["invalid session"]
             await rt.disconnect()
         await server.close()
@@ -764,7 +766,9 @@ async def test_generation_ended_is_not_followed_by_a_reconnect() -> None:
         async with create_client("k", base) as client:
             rt = await client.realtime.connect(ArrayVideoTrack([frame()]), model="mirage")
             ended: list[Any] = []
+            states: list[str] = []
             rt.on("generation_ended", ended.append)
+            rt.on("connection_change", states.append)
             await asyncio.sleep(0)
             ws = server.live[0]
             await ws.send(
@@ -774,8 +778,8 @@ async def test_generation_ended_is_not_followed_by_a_reconnect() -> None:
             )
             await ws.close()
             await until(lambda: rt.get_connection_state() == "disconnected")
-            await asyncio.sleep(0.1)
-            assert len(seen) == 1
+            # a reconnect would have said "reconnecting" first, whatever its delay
+            assert "reconnecting" not in states and len(seen) == 1
             assert [(e.seconds, e.reason) for e in ended] == [(3, "insufficient_credits")]
         await server.close()
 
@@ -965,7 +969,7 @@ async def test_avatar_connect_sends_portrait_prompt_offer_and_restores_them() ->
 
             started = time.monotonic()
             assert await rt.play_audio(np.full(4800, 0.5, np.float32), 48_000) is True
-            assert 0.05 < time.monotonic() - started < 1.0, "a 0.1 s clip, sent on the clock"
+            assert time.monotonic() - started > 0.05, "a 0.1 s clip, sent on the clock"
 
             with pytest.raises(LivemorphError, match="needs its portrait"):
                 await rt.set_image(None)
@@ -994,18 +998,22 @@ async def test_a_dropped_connection_stops_the_clip_under_way() -> None:
         rt = await client.realtime.connect(
             None, model="live_avatar", avatar={"image": PNG_BYTES}, retry=FAST
         )
+
+        def clip_under_way() -> bool:
+            return rt._clip_track is not None and rt._clip_track.playing
+
         try:
             playing = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
-            await asyncio.sleep(0.2)
+            await until(clip_under_way)
             await server.live[0].close()
             assert await asyncio.wait_for(playing, 2) is False
             await until(lambda: len(seen) == 2 and rt.is_connected())
             playing = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
-            await asyncio.sleep(0.1)
+            await until(clip_under_way)
             rt.stop_audio()
             assert await asyncio.wait_for(playing, 1) is False
             cancelled = asyncio.create_task(rt.play_audio(np.zeros(48_000 * 5, np.int16), 48_000))
-            await asyncio.sleep(0.1)
+            await until(clip_under_way)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
