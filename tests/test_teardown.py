@@ -7,6 +7,7 @@ see every task and object the session created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import threading
@@ -74,12 +75,22 @@ async def test_disconnect_frees_everything(tmp_path) -> None:
         await eventually(lambda: len(sessions) == 0)
         tracks.clear()
         del rt, video
-        await asyncio.sleep(0.5)
 
+        def leftover_tasks() -> set[asyncio.Task]:
+            leftover = {t for t in asyncio.all_tasks() if not t.done()} - baseline_tasks
+            leftover.discard(asyncio.current_task())
+            return leftover
+
+        def wound_down() -> bool:
+            return not leftover_tasks() and not decoder_threads()
+
+        # what the session started winds down on its own time: wait for it, then say
+        # what is left if it never does
+        with contextlib.suppress(TimeoutError):
+            await eventually(wound_down, within=10)
         assert session.pc is not None and session.pc.connectionState == "closed"
         assert session.pipeline.track.readyState == "ended"
-        leftover = {t for t in asyncio.all_tasks() if not t.done()} - baseline_tasks
-        leftover.discard(asyncio.current_task())
+        leftover = leftover_tasks()
         assert not leftover, [t.get_name() + ": " + repr(t.get_coro()) for t in leftover]
         assert all(pc.connectionState == "closed" for pc in live_objects(RTCPeerConnection))
         assert not decoder_threads()
