@@ -841,16 +841,23 @@ async def test_clip_track_a_new_claim_stops_the_clip_under_way() -> None:
         await track.recv()
 
 
-async def test_clip_track_takes_up_the_clock_after_a_gap_instead_of_bursting() -> None:
+async def test_clip_track_takes_up_the_clock_after_a_gap_instead_of_bursting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     now = [0.0]
     track = ClipAudioTrack(clock=lambda: now[0])
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the track's waits, noted rather than slept
+        waits.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
     await track.recv()
     now[0] = 5.0  # nobody pulled frames for 5 s (a reconnect)
-    started = time.monotonic()
     await track.recv()  # late: sent at once, and the clock starts again from here
-    assert time.monotonic() - started < 0.015
+    assert waits == []
     await track.recv()  # so the next frame waits its 20 ms instead of bursting 250 frames
-    assert time.monotonic() - started >= 0.015
+    assert waits == [pytest.approx(0.02)]
 
 
 def test_decode_audio_reads_files_bytes_and_arrays(tmp_path: Path) -> None:
