@@ -20,7 +20,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaBlackhole
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from livemorph.protocol import MAX_MESSAGE_BYTES, parse_candidate
+from livemorph.protocol import MAX_MESSAGE_BYTES, IceCandidate, parse_client
 
 
 @dataclass
@@ -176,10 +176,9 @@ class FakeSignaling:
                 )
             )
         elif kind == "ice-candidate" and connection.pc is not None:
-            payload = message.get("candidate")
-            candidate = parse_candidate(payload) if isinstance(payload, dict) else None
-            if candidate is not None:
-                await connection.pc.addIceCandidate(candidate)
+            parsed = parse_client(json.dumps(message))
+            if isinstance(parsed, IceCandidate) and parsed.candidate is not None:
+                await connection.pc.addIceCandidate(parsed.candidate.to_aiortc())
 
     async def _accept(self, connection: Connection, script: Script, sdp: str) -> str:
         pc = connection.pc = RTCPeerConnection()

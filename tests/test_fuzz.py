@@ -380,7 +380,9 @@ def outcome(answers: list[dict[str, Any]], sent: str | bytes) -> str:
         return ERROR
     if kind in ("prompt_ack", "set_image_ack"):
         if kind == "prompt_ack":
-            assert answer.get("prompt") == json.loads(sent).get("prompt"), "acks echo the prompt"
+            asked = json.loads(sent).get("prompt")
+            echo = asked if isinstance(asked, str) else None
+            assert answer.get("prompt") == echo, "acks echo the prompt's text"
         if answer.get("success") is True:
             return OK
         assert answer.get("success") is False, answer
@@ -988,9 +990,11 @@ async def test_a_failing_message_loop_is_logged_and_closes_with_1011(caplog) -> 
 
 
 async def test_an_engine_that_fails_on_controls_refuses_them_in_the_ack() -> None:
+    from types import SimpleNamespace
+
     from livemorph.engines.base import Controls
-    from livemorph.server.stream import _apply
     from livemorph.sessions.pipeline import SessionClosedError
+    from livemorph.sessions.session import InputRefused, Session
 
     class Failing:
         def __init__(self, error: Exception) -> None:
@@ -999,40 +1003,36 @@ async def test_an_engine_that_fails_on_controls_refuses_them_in_the_ack() -> Non
         async def apply(self, controls: Controls) -> None:
             raise self.error
 
-    failed = await _apply(Failing(TypeError("tokenizer")), Controls(prompt="x"))  # type: ignore[arg-type]
-    assert failed == "the engine could not apply this input"
+    def session(error: Exception) -> Any:
+        return SimpleNamespace(pipeline=Failing(error), controls=Controls())
+
+    with pytest.raises(InputRefused, match=r"^the engine could not apply this input$"):
+        await Session.apply(session(TypeError("tokenizer")), Controls(prompt="x"))
     with pytest.raises(SessionClosedError):
-        await _apply(Failing(SessionClosedError("closed")), Controls())  # type: ignore[arg-type]
+        await Session.apply(session(SessionClosedError("closed")), Controls())
 
 
 async def test_a_session_that_ends_under_a_pending_input_closes_quietly() -> None:
     """A prompt waiting on the engine when credits ran out (or max_duration, or shutdown)
     used to surface as "message loop failed" and a 1011 close, hiding the real reason."""
-    from types import SimpleNamespace
 
-    from livemorph.engines.base import Controls
-    from livemorph.policy import EngineEnhancer, PolicyModerator
+    from livemorph.protocol import ServerMessage
     from livemorph.server.stream import _publisher_loop
     from livemorph.sessions.pipeline import SessionClosedError
 
     class Ending:
-        controls = Controls()
-
-        async def apply(self, controls: Controls) -> None:
+        async def set_prompt(self, prompt: str, enhance: bool | None = None) -> str | None:
             raise SessionClosedError("the session ended")
 
     class Recording:
-        state = SimpleNamespace(moderator=PolicyModerator(), enhancer=EngineEnhancer())
-        ws = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(livemorph=state)))
-
         def __init__(self) -> None:
-            self.sent: list[dict[str, Any]] = []
+            self.sent: list[ServerMessage | dict[str, Any]] = []
 
         async def messages(self) -> Any:
-            yield {"type": "prompt", "prompt": "anime"}
-            yield {"type": "prompt", "prompt": "never read: the loop has ended"}
+            yield json.dumps({"type": "prompt", "prompt": "anime"})
+            yield json.dumps({"type": "prompt", "prompt": "never read: the loop has ended"})
 
-        async def send(self, message: dict[str, Any]) -> None:
+        async def send(self, message: ServerMessage) -> None:
             self.sent.append(message)
 
         async def error(self, text: str) -> None:

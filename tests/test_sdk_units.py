@@ -41,6 +41,9 @@ from livemorph.media.jitter import LowLatencyJitterBuffer
 from livemorph.protocol import (
     MAX_IMAGE_BYTES,
     PERMANENT_ERROR_MARKERS,
+    PromptAck,
+    SessionId,
+    SetImageAck,
     SubscribeTarget,
     decode_subscribe_token,
     encode_subscribe_token,
@@ -210,7 +213,7 @@ async def test_oversized_image_is_refused_before_anything_is_sent() -> None:
     assert ws.sent == [
         {"type": "set_image", "image_data": PNG_B64, "prompt": "fine", "enhance_prompt": False}
     ]
-    await signaling.handle_message({"type": "set_image_ack", "success": True})
+    await signaling.handle_message(SetImageAck(success=True))
     await task
     await signaling.close()
 
@@ -371,14 +374,12 @@ async def test_prompt_acks_are_matched_by_text() -> None:
     await until(lambda: len(ws.sent) == 2)
     assert ws.sent[1] == {"type": "prompt", "prompt": "noir", "enhance_prompt": False}
 
-    await signaling.handle_message({"type": "prompt_ack", "prompt": "unrelated", "success": True})
-    await signaling.handle_message({"type": "prompt_ack", "prompt": "noir", "success": True})
+    await signaling.handle_message(PromptAck("unrelated", success=True))
+    await signaling.handle_message(PromptAck("noir", success=True))
     await second
     assert not first.done(), "an ack for another prompt must not resolve this one"
 
-    await signaling.handle_message(
-        {"type": "prompt_ack", "prompt": "anime", "success": False, "error": "moderation: no"}
-    )
+    await signaling.handle_message(PromptAck("anime", success=False, error="moderation: no"))
     with pytest.raises(LivemorphError) as info:
         await first
     assert info.value.code is ErrorCode.INVALID_INPUT
@@ -395,10 +396,10 @@ async def test_image_acks_resolve_in_order_and_passthrough_format() -> None:
         {"type": "set_image", "image_data": None, "prompt": None},
         {"type": "set_image", "image_data": None},
     ]
-    await signaling.handle_message({"type": "set_image_ack", "success": True})
+    await signaling.handle_message(SetImageAck(success=True))
     await passthrough
     assert not clear.done()
-    await signaling.handle_message({"type": "set_image_ack", "success": False, "error": "bad"})
+    await signaling.handle_message(SetImageAck(success=False, error="bad"))
     with pytest.raises(LivemorphError, match="bad"):
         await clear
     await signaling.close()
@@ -443,13 +444,13 @@ async def test_set_sends_prompt_alone_as_a_prompt_message() -> None:
     task = asyncio.create_task(rt.set(prompt="watercolor", enhance=False))
     await until(lambda: bool(ws.sent))
     assert ws.sent[-1] == {"type": "prompt", "prompt": "watercolor", "enhance_prompt": False}
-    await signaling.handle_message({"type": "prompt_ack", "prompt": "watercolor", "success": True})
+    await signaling.handle_message(PromptAck("watercolor", success=True))
     await task
 
     task = asyncio.create_task(rt.set(image=None))
     await until(lambda: len(ws.sent) == 2)
     assert ws.sent[-1] == {"type": "set_image", "image_data": None}
-    await signaling.handle_message({"type": "set_image_ack", "success": True})
+    await signaling.handle_message(SetImageAck(success=True))
     await task
 
     for bad in ({}, {"prompt": "   "}):
@@ -478,12 +479,10 @@ def test_subscribe_token_round_trip() -> None:
 async def test_session_id_message_gives_subscribe_token() -> None:
     signaling, _ = await open_fake()
     rt = unconnected_client()
-    signaling._on_event = lambda kind, payload: rt._on_signal(signaling, kind, payload)
+    signaling._on_event = lambda event: rt._on_signal(signaling, event)
     rt._signaling = signaling
     assert rt.subscribe_token is None
-    await signaling.handle_message(
-        {"type": "session_id", "session_id": "abc", "server_ip": "1.2.3.4", "server_port": 9}
-    )
+    await signaling.handle_message(SessionId("abc", "1.2.3.4", 9))
     assert rt.session_id == "abc"
     assert decode_subscribe_token(rt.subscribe_token or "") == SubscribeTarget("abc", "1.2.3.4", 9)
     await signaling.close()

@@ -15,14 +15,16 @@ import os
 import threading
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from livemorph import cli
+from livemorph.engines.base import Controls
 from livemorph.engines.neural import weights
 from livemorph.engines.neural.weights import FILES, WeightsUnavailable, Wheel
-from livemorph.server.stream import _apply
+from livemorph.sessions.session import InputRefused, Session
 from livemorph.testing import serve
 
 FAKE = {name: f"fake {name}\n".encode() for name in FILES}
@@ -328,12 +330,13 @@ async def _recv_type(ws: ClientConnection, kind: str) -> dict[str, object]:
 
 
 async def test_the_client_hears_why_its_prompt_was_not_applied() -> None:
-    class Session:
+    class Pipeline:
         async def apply(self, controls: object) -> None:
             raise WeightsUnavailable("could not download ... /some/server/path ...")
 
-    said = await _apply(Session(), object())  # type: ignore[arg-type]
-    assert said == (
+    with pytest.raises(InputRefused) as refused:
+        await Session.apply(SimpleNamespace(pipeline=Pipeline()), Controls())  # type: ignore[arg-type]
+    assert str(refused.value) == (
         "the engine could not apply this input: the prompt encoder's weights are missing "
         "on this server (its log says why)"
     )

@@ -1,11 +1,22 @@
-"""Pieces of the wire protocol (see docs/protocol.md) that both the server and the SDK need."""
+"""The wire protocol of docs/protocol.md, in one place for the server and the Python SDK.
+
+Each message either side sends is one frozen dataclass below, named after its `type`, that
+knows its own fields: `parse_client` and `parse_server` turn a WebSocket text frame into one
+of them (or raise `MessageError` with the protocol's words for what is wrong), and
+`serialise` turns one back into text. No other module reads a message's raw fields.
+
+The constants the browser SDK (web/sdk/livemorph.js) repeats are checked against these by
+tests/test_protocol.py.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import ClassVar, Final, Self
 
 from aiortc import RTCIceCandidate
 from aiortc.sdp import candidate_from_sdp
@@ -31,14 +42,509 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 #: plus the JSON around it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-#: WebSocket close code sent after a fatal `error` (policy violation).
+#: Longest prompt, in characters.
+MAX_PROMPT_CHARS = 2000
+
+#: How long the published clients wait for a `prompt_ack`, and for a `set_image_ack`.
+PROMPT_ACK_TIMEOUT = 15.0
+IMAGE_ACK_TIMEOUT = 30.0
+
+#: WebSocket close codes (docs/protocol.md, "Close codes").
+CLOSE_NORMAL = 1000
+#: After a fatal `error` with a permanent marker.
 CLOSE_POLICY_VIOLATION = 1008
+#: A server bug, after `internal server error, try again`.
+CLOSE_INTERNAL_ERROR = 1011
+#: A transient refusal: capacity or session-rate limits.
+CLOSE_TRY_AGAIN_LATER = 1013
+
+IMAGE_TOO_LARGE: Final = f"image too large: the limit is {MAX_IMAGE_BYTES // 2**20} MB"
 
 
 def is_permanent_error(text: str) -> bool:
     """True when a client must not retry after an error with this text."""
     lowered = text.lower()
     return any(marker in lowered for marker in PERMANENT_ERROR_MARKERS)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class MessageError(ValueError):
+    """A message that does not follow docs/protocol.md; `str()` says what is wrong."""
+
+
+class ClientError(MessageError):
+    """Something a client got wrong. The server answers with `reply` (an `error` unless
+    the protocol answers that request with a failed ack) and the session goes on."""
+
+    def __init__(self, text: str, reply: ServerMessage | None = None) -> None:
+        super().__init__(text)
+        self.reply: ServerMessage = Error(text) if reply is None else reply
+
+
+class UnknownMessage(ClientError):
+    """A `type` this side does not take (here, or at all); `kind` is that type."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"unknown message type {kind!r}")
+        self.kind = kind
+
+
+def check_prompt(value: object) -> str:
+    """`value` once it is a prompt the protocol takes; else ValueError saying why."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("prompt must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): the tokenizers refuse it
+        raise ValueError("prompt must be valid Unicode text: it has a lone surrogate") from None
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt too long: the limit is {MAX_PROMPT_CHARS} characters")
+    return value
+
+
+class _Fields:
+    """One message's JSON object, read with the protocol's words for what is wrong."""
+
+    def __init__(
+        self, kind: str, data: Mapping[str, object], fail: Callable[[str], MessageError]
+    ) -> None:
+        self.kind = kind
+        self.data = data
+        self.fail = fail
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> object:
+        return self.data.get(key)
+
+    def text(self, key: str) -> str:
+        value = self.data.get(key)
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"{self.kind} needs a string '{key}'")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(f"{key} must be a string or null")
+        return value
+
+    def flag(self, key: str) -> bool | None:
+        """A boolean; None when absent or null (the default applies)."""
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(f"{key} must be true or false")
+        return value
+
+    def whole(self, key: str) -> int:
+        value = self.data.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(f"{self.kind} needs a whole number '{key}'")
+        return value
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One JSON message; subclasses name their `type` and read and write their fields."""
+
+    type: ClassVar[str]
+
+    def body(self) -> dict[str, object]:
+        """The fields on the wire, `type` aside. By default every field, as it is named."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        """The message from its fields; raises `message.fail(...)` on a field that is wrong."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A trickled ICE candidate in the browser's `RTCIceCandidateInit` form (its field names)."""
+
+    candidate: str
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+    usernameFragment: str | None = None
+
+    def to_aiortc(self) -> RTCIceCandidate:
+        """aiortc's candidate; ValueError (or IndexError) on a line that does not parse."""
+        parsed = candidate_from_sdp(self.candidate.strip().removeprefix("candidate:"))
+        parsed.sdpMid = self.sdpMid
+        parsed.sdpMLineIndex = self.sdpMLineIndex
+        return parsed
+
+
+# Client to server.
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt(Message):
+    """Restyle by this text from the next frame on; answered by `prompt_ack`."""
+
+    type: ClassVar[str] = "prompt"
+    prompt: str
+    #: Let the enhancer or engine read a fuller look into the prompt; None: yes (default).
+    enhance_prompt: bool | None = None
+
+    def body(self) -> dict[str, object]:
+        body: dict[str, object] = {"prompt": self.prompt}
+        if self.enhance_prompt is not None:
+            body["enhance_prompt"] = self.enhance_prompt
+        return body
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        raw = message.get("prompt")
+        echo = raw if isinstance(raw, str) else None
+
+        def refuse(text: str) -> ClientError:
+            return ClientError(text, PromptAck(echo, success=False, error=text))
+
+        try:
+            prompt = check_prompt(raw)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        return cls(prompt, _Fields(message.kind, message.data, refuse).flag("enhance_prompt"))
+
+
+@dataclass(frozen=True, slots=True)
+class SetImage(Message):
+    """Set or clear the reference image, maybe with a prompt; answered by `set_image_ack`.
+
+    On the wire the image is `image_data`, bare base64 of the file; here it is the file's
+    bytes, checked against `MAX_IMAGE_BYTES`.
+    """
+
+    type: ClassVar[str] = "set_image"
+    #: The image file (PNG, JPEG, WebP); None clears the reference image.
+    image: bytes | None
+    #: A new prompt with the image; None keeps the current one.
+    prompt: str | None = None
+    #: None keeps the session's current setting.
+    enhance_prompt: bool | None = None
+    #: `image_data: null` with an explicit `prompt: null`: no transformation at all.
+    passthrough: bool = False
+
+    def body(self) -> dict[str, object]:
+        data = None if self.image is None else base64.b64encode(self.image).decode("ascii")
+        body: dict[str, object] = {"image_data": data}
+        if self.passthrough:
+            body["prompt"] = None
+        elif self.prompt is not None:
+            body["prompt"] = self.prompt
+        if self.enhance_prompt is not None and not self.passthrough:
+            body["enhance_prompt"] = self.enhance_prompt
+        return body
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        def refuse(text: str) -> ClientError:
+            return ClientError(text, SetImageAck(success=False, error=text))
+
+        fields = _Fields(message.kind, message.data, refuse)
+        data = fields.get("image_data")
+        if data is not None and not isinstance(data, str):
+            raise refuse("image_data must be a base64 string or null")
+        enhance = fields.flag("enhance_prompt")
+        if data is None and fields.has("prompt") and fields.get("prompt") is None:
+            return cls(None, enhance_prompt=enhance, passthrough=True)
+        prompt = None
+        if fields.get("prompt") is not None:
+            try:
+                prompt = check_prompt(fields.get("prompt"))
+            except ValueError as exc:
+                raise refuse(str(exc)) from None
+        image = None if data is None else _image_bytes(data, refuse)
+        return cls(image, prompt, enhance)
+
+
+def _image_bytes(data: str, refuse: Callable[[str], ClientError]) -> bytes:
+    """The file in `image_data`; its size checked before and after decoding base64."""
+    if len(data) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
+        raise refuse(IMAGE_TOO_LARGE)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse("image_data is not valid base64") from None
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise refuse(IMAGE_TOO_LARGE)
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Offer(Message):
+    """The client's SDP offer; answered by `answer`, or an `error`."""
+
+    type: ClassVar[str] = "offer"
+    sdp: str
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.text("sdp"))
+
+
+@dataclass(frozen=True, slots=True)
+class IceCandidate(Message):
+    """A trickled candidate; None (or an empty candidate line) is the end of candidates."""
+
+    type: ClassVar[str] = "ice-candidate"
+    candidate: Candidate | None
+
+    def body(self) -> dict[str, object]:
+        if self.candidate is None:
+            return {"candidate": None}
+        # decart==0.0.30 needs sdpMid and sdpMLineIndex present, null or not.
+        return {"candidate": {f.name: getattr(self.candidate, f.name) for f in fields(Candidate)}}
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        payload = message.get("candidate")
+        if payload is None:
+            return cls(None)
+        if not isinstance(payload, dict):
+            raise message.fail("ice-candidate needs a candidate object or null")
+        inner = _Fields(message.kind, payload, _invalid_candidate(message))
+        if not inner.get("candidate"):
+            return cls(None)  # an empty line also ends the candidates
+        line = inner.optional_text("candidate") or ""
+        mid = inner.optional_text("sdpMid")
+        fragment = inner.optional_text("usernameFragment")
+        index = inner.get("sdpMLineIndex")
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+            raise inner.fail("sdpMLineIndex must be a whole number or null")
+        if not line.strip():
+            return cls(None)
+        return cls(Candidate(line, mid, index, fragment))
+
+
+def _invalid_candidate(message: _Fields) -> Callable[[str], MessageError]:
+    return lambda text: message.fail(f"invalid ice-candidate: {text}")
+
+
+# Server to client.
+
+
+@dataclass(frozen=True, slots=True)
+class SessionId(Message):
+    """The session exists; `server_ip` and `server_port` name the node that holds it."""
+
+    type: ClassVar[str] = "session_id"
+    session_id: str
+    server_ip: str
+    server_port: int
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(
+            message.text("session_id"), message.text("server_ip"), message.whole("server_port")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Message):
+    """The server's SDP answer to an `offer`."""
+
+    type: ClassVar[str] = "answer"
+    sdp: str
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.text("sdp"))
+
+
+@dataclass(frozen=True, slots=True)
+class PromptAck(Message):
+    """A `prompt` was applied to the next frame, or refused (`error` says why).
+
+    The published clients find the ack by `prompt`, the request's text echoed exactly (None
+    when the request had no text). `enhanced_prompt` is ours: the fuller reading the
+    enhancer or the engine made of the prompt."""
+
+    type: ClassVar[str] = "prompt_ack"
+    prompt: str | None
+    success: bool
+    error: str | None = None
+    enhanced_prompt: str | None = None
+
+    def body(self) -> dict[str, object]:
+        return _without_none({"prompt": self.prompt, "success": self.success}, self)
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(
+            message.optional_text("prompt"),
+            bool(message.flag("success")),
+            message.optional_text("error"),
+            message.optional_text("enhanced_prompt"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SetImageAck(Message):
+    """A `set_image` was applied, or refused (`error` says why)."""
+
+    type: ClassVar[str] = "set_image_ack"
+    success: bool
+    error: str | None = None
+    enhanced_prompt: str | None = None
+
+    def body(self) -> dict[str, object]:
+        return _without_none({"success": self.success}, self)
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(
+            bool(message.flag("success")),
+            message.optional_text("error"),
+            message.optional_text("enhanced_prompt"),
+        )
+
+
+def _without_none(body: dict[str, object], ack: PromptAck | SetImageAck) -> dict[str, object]:
+    """An ack's optional fields go on the wire only when they say something."""
+    if ack.error is not None:
+        body["error"] = ack.error
+    if ack.enhanced_prompt is not None:
+        body["enhanced_prompt"] = ack.enhanced_prompt
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStarted(Message):
+    """The first output frame was produced: usage is counted from here."""
+
+    type: ClassVar[str] = "generation_started"
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationTick(Message):
+    """Generation time so far, cumulative for the session: the unit of billing."""
+
+    type: ClassVar[str] = "generation_tick"
+    seconds: int
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.whole("seconds"))
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEnded(Message):
+    """The server ended the session; `reason` in `FINAL_END_REASONS` means do not reconnect."""
+
+    type: ClassVar[str] = "generation_ended"
+    seconds: int
+    reason: str
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.whole("seconds"), message.text("reason"))
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Any failure the client should hear about, in words for a person."""
+
+    type: ClassVar[str] = "error"
+    error: str
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.optional_text("error") or "unknown server error")
+
+
+ClientMessage = Prompt | SetImage | Offer | IceCandidate
+ServerMessage = (
+    SessionId
+    | Answer
+    | IceCandidate
+    | PromptAck
+    | SetImageAck
+    | GenerationStarted
+    | GenerationTick
+    | GenerationEnded
+    | Error
+)
+
+#: What clients send, by `type`.
+CLIENT_MESSAGES: Mapping[str, type[ClientMessage]] = {
+    kind.type: kind for kind in (Prompt, SetImage, Offer, IceCandidate)
+}
+#: What a viewer (`/subscribe/{id}`) may send: it watches, it never steers.
+VIEWER_MESSAGES: Mapping[str, type[ClientMessage]] = {
+    kind.type: kind for kind in (Offer, IceCandidate)
+}
+#: What the server sends, by `type`.
+SERVER_MESSAGES: Mapping[str, type[ServerMessage]] = {
+    kind.type: kind
+    for kind in (
+        SessionId,
+        Answer,
+        IceCandidate,
+        PromptAck,
+        SetImageAck,
+        GenerationStarted,
+        GenerationTick,
+        GenerationEnded,
+        Error,
+    )
+}
+
+
+def _envelope(
+    text: str | bytes, fail: Callable[[str], MessageError]
+) -> tuple[str, dict[str, object]]:
+    if not isinstance(text, str):
+        raise fail("invalid message: expected a JSON text frame")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # also too deep, or a number too long
+        raise fail("invalid message: not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise fail("invalid message: expected an object with a string 'type'")
+    return data["type"], data
+
+
+def parse_client(
+    text: str | bytes, accepted: Mapping[str, type[ClientMessage]] = CLIENT_MESSAGES
+) -> ClientMessage:
+    """A client's message; `ClientError` (whose `reply` answers it) when it is not one of
+    `accepted` (`UnknownMessage`) or a field is wrong."""
+    kind, data = _envelope(text, ClientError)
+    message = accepted.get(kind)
+    if message is None:
+        raise UnknownMessage(kind)
+    return message.read(_Fields(kind, data, ClientError))
+
+
+def parse_server(text: str | bytes) -> ServerMessage:
+    """A server's message; `MessageError` when a field is wrong, `UnknownMessage` for a type
+    this SDK does not know (which a client ignores: servers may say more than it knows)."""
+    kind, data = _envelope(text, MessageError)
+    message = SERVER_MESSAGES.get(kind)
+    if message is None:
+        raise UnknownMessage(kind)
+    return message.read(_Fields(kind, data, MessageError))
+
+
+def serialise(message: Message) -> str:
+    """The message as the text frame the other side parses."""
+    return json.dumps({"type": message.type, **message.body()})
+
+
+# -- subscribe tokens ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +572,3 @@ def decode_subscribe_token(token: str) -> SubscribeTarget:
     if not target.session_id or not target.ip or target.port <= 0:
         raise ValueError("invalid subscribe token")
     return target
-
-
-def parse_candidate(payload: dict[str, Any]) -> RTCIceCandidate | None:
-    """An aiortc candidate from the wire form; None for an end-of-candidates marker.
-
-    Raises ValueError (or IndexError) on a candidate line that does not parse.
-    """
-    text = str(payload.get("candidate") or "").strip()
-    if not text:
-        return None
-    candidate = candidate_from_sdp(text.removeprefix("candidate:"))
-    candidate.sdpMid = payload.get("sdpMid")
-    index = payload.get("sdpMLineIndex")
-    candidate.sdpMLineIndex = int(index) if index is not None else None
-    return candidate

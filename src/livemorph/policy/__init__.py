@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import Settings
 from .enhancement import ChatEnhancer, EngineEnhancer, Enhancer, Expansion, build_enhancer
 from .moderation import (
@@ -24,6 +26,7 @@ __all__ = [
     "Expansion",
     "ImagePolicy",
     "Moderator",
+    "Policy",
     "PolicyModerator",
     "PromptPolicy",
     "Verdict",
@@ -33,6 +36,24 @@ __all__ = [
     "policy_from_settings",
     "refusal",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a session may be told, and how its prompts are read: the one place a session
+    asks, moderation first, then enhancement of what passed."""
+
+    moderator: Moderator
+    enhancer: Enhancer
+
+    async def refusal(self, prompt: str | None = None, image: bytes | None = None) -> str | None:
+        """The ack text refusing `prompt` or `image` (given together, judged together), or
+        None when what was given passes."""
+        return await refusal(self.moderator, prompt, image)
+
+    async def expand(self, prompt: str, enhance: bool) -> Expansion:
+        """What the engine is handed for an admitted `prompt`."""
+        return await self.enhancer.expand(prompt, enhance)
 
 
 def policy_from_settings(settings: Settings) -> tuple[Moderator, Enhancer]:

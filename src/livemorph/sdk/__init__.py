@@ -1,13 +1,14 @@
 """The Python SDK: publish a track to a livemorph server, watch sessions, mint tokens."""
 
+from ..protocol import GenerationEnded, GenerationTick
 from . import sources
 from .audio import ClipAudioTrack, decode_audio
 from .client import Client, ClientToken, TokensClient, create_client
-from .images import image_to_base64
+from .images import image_bytes, image_to_base64
 from .realtime import (
     UNSET,
-    GenerationEnded,
-    GenerationTick,
+    Event,
+    Player,
     RealtimeAPI,
     RealtimeClient,
     RetryPolicy,
@@ -24,8 +25,10 @@ __all__ = [
     "ClientToken",
     "ClipAudioTrack",
     "ConnectionState",
+    "Event",
     "GenerationEnded",
     "GenerationTick",
+    "Player",
     "RealtimeAPI",
     "RealtimeClient",
     "RetryPolicy",
@@ -34,6 +37,7 @@ __all__ = [
     "TokensClient",
     "create_client",
     "decode_audio",
+    "image_bytes",
     "image_to_base64",
     "should_retry",
     "sources",

@@ -1,4 +1,4 @@
-"""Reference images: whatever the caller holds, turned into the plain base64 the wire wants.
+"""Reference images: whatever the caller holds, turned into the image file's bytes.
 
 Size is checked before anything is sent, so an oversized image fails fast and locally
 instead of costing a 14 MB upload and a server refusal.
@@ -41,18 +41,18 @@ def _too_large(size: int) -> LivemorphError:
     )
 
 
-def encode_bytes(data: bytes | bytearray | memoryview) -> str:
-    """Base64 of raw image bytes, refusing anything over the size limit."""
+def _checked(data: bytes | bytearray | memoryview) -> bytes:
+    """Raw image bytes, refusing an empty image or one over the size limit."""
     raw = bytes(data)
     if not raw:
         raise LivemorphError("image is empty", ErrorCode.INVALID_INPUT)
     if len(raw) > MAX_IMAGE_BYTES:
         raise _too_large(len(raw))
-    return base64.b64encode(raw).decode("ascii")
+    return raw
 
 
-def encode_array(image: np.ndarray) -> str:
-    """Base64 of a uint8 RGB, RGBA or gray array, encoded as PNG."""
+def _png_of(image: np.ndarray) -> bytes:
+    """A uint8 RGB, RGBA or gray array, encoded as PNG."""
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise LivemorphError(
@@ -66,25 +66,25 @@ def encode_array(image: np.ndarray) -> str:
         )
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return encode_bytes(buffer.getvalue())
+    return _checked(buffer.getvalue())
 
 
-def decoded_size(b64: str) -> int:
+def _decoded_size(b64: str) -> int:
     """Bytes that a base64 string decodes to, without decoding it."""
     text = b64.strip()
     return len(text) * 3 // 4 - text[-2:].count("=")
 
 
-def normalize_base64(text: str) -> str:
-    """Validate a base64 string (plain or `data:` URL) and return its plain form."""
+def _from_base64(text: str) -> bytes:
+    """The bytes of a base64 string (plain or `data:` URL), validated."""
     if text.startswith("data:"):
         header, sep, payload = text.partition(",")
         if not sep or ";base64" not in header:
             raise LivemorphError("data: URL must be base64-encoded", ErrorCode.INVALID_INPUT)
         text = payload
     text = "".join(text.split())
-    if decoded_size(text) > MAX_IMAGE_BYTES:
-        raise _too_large(decoded_size(text))
+    if _decoded_size(text) > MAX_IMAGE_BYTES:
+        raise _too_large(_decoded_size(text))
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -92,9 +92,7 @@ def normalize_base64(text: str) -> str:
             "image string is neither a file path, an http(s) URL, nor base64",
             ErrorCode.INVALID_INPUT,
         ) from None
-    if not raw:
-        raise LivemorphError("image is empty", ErrorCode.INVALID_INPUT)
-    return text
+    return _checked(raw)
 
 
 def _read_file(path: Path) -> bytes:
@@ -127,34 +125,39 @@ async def _fetch(url: str, http: httpx.AsyncClient | None) -> bytes:
             await client.aclose()
 
 
-async def image_to_base64(image: ImageInput, http: httpx.AsyncClient | None = None) -> str:
-    """Plain base64 (no `data:` prefix) of an image, at most 10 MB decoded.
+async def image_bytes(image: ImageInput, http: httpx.AsyncClient | None = None) -> bytes:
+    """The image file's bytes, at most 10 MB.
 
     Strings are tried in order as a `data:` URL, an http(s) URL, an existing file, and
-    finally plain base64, the order the published SDKs use. Arrays are sent as PNG.
+    finally plain base64, the order the published SDKs use. Arrays become PNG files.
     """
     if isinstance(image, bytes | bytearray | memoryview):
-        return encode_bytes(image)
+        return _checked(image)
     if isinstance(image, np.ndarray):
-        return await asyncio.to_thread(encode_array, image)
+        return await asyncio.to_thread(_png_of, image)
     if isinstance(image, os.PathLike):
-        return encode_bytes(await asyncio.to_thread(_read_file, Path(image)))
+        return _checked(await asyncio.to_thread(_read_file, Path(image)))
     if isinstance(image, str):
         if image.startswith("data:"):
-            return normalize_base64(image)
+            return _from_base64(image)
         if image.startswith(("http://", "https://")):
-            return encode_bytes(await _fetch(image, http))
+            return _checked(await _fetch(image, http))
         if len(image) < 4096 and _is_file(image):
-            return encode_bytes(await asyncio.to_thread(_read_file, Path(image)))
-        return normalize_base64(image)
+            return _checked(await asyncio.to_thread(_read_file, Path(image)))
+        return _from_base64(image)
     if isinstance(image, Readable):
         data = await asyncio.to_thread(image.read)
         if not isinstance(data, bytes | bytearray):
             raise LivemorphError(
                 "file object must be opened in binary mode", ErrorCode.INVALID_INPUT
             )
-        return encode_bytes(data)
+        return _checked(data)
     raise LivemorphError(f"unsupported image type: {type(image).__name__}", ErrorCode.INVALID_INPUT)
+
+
+async def image_to_base64(image: ImageInput, http: httpx.AsyncClient | None = None) -> str:
+    """Plain base64 (no `data:` prefix) of an image, as `image_bytes` reads it."""
+    return base64.b64encode(await image_bytes(image, http)).decode("ascii")
 
 
 def _is_file(text: str) -> bool:

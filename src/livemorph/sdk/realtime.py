@@ -17,7 +17,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, overload
 from urllib.parse import quote, urlencode
 
 from aiortc import MediaStreamTrack, RTCIceServer
@@ -25,21 +25,26 @@ from aiortc.mediastreams import MediaStreamError
 
 from .._version import __version__
 from ..errors import ErrorCode, LivemorphError
-from ..models import CATALOG
+from ..models import CATALOG, ModelSpec
 from ..protocol import (
     FINAL_END_REASONS,
+    GenerationEnded,
+    GenerationTick,
     SubscribeTarget,
+    check_prompt,
     decode_subscribe_token,
     encode_subscribe_token,
 )
 from .audio import AudioInput, ClipAudioTrack, decode_audio
-from .images import ImageInput, image_to_base64
+from .images import ImageInput, image_bytes
 from .signaling import (
     IMAGE_TIMEOUT,
     PROMPT_TIMEOUT,
     ConnectionState,
     OfferHook,
+    SignalEvent,
     Signaling,
+    StateChanged,
 )
 
 if TYPE_CHECKING:
@@ -54,11 +59,30 @@ USER_AGENT = f"livemorph-python/{__version__}"
 #: The model that animates a portrait from audio instead of transforming a camera.
 AVATAR_MODEL = "live_avatar"
 
-#: Events that `on()` accepts.
-EVENTS = ("connection_change", "generation_tick", "generation_ended", "error")
+#: Events that `on()` accepts, and what each listener is called with.
+Event = Literal["connection_change", "generation_tick", "generation_ended", "error"]
+EVENTS: tuple[Event, ...] = ("connection_change", "generation_tick", "generation_ended", "error")
+EventPayload = ConnectionState | GenerationTick | GenerationEnded | LivemorphError
 
-Listener = Callable[[Any], Any]
-RemoteStreamCallback = Callable[[MediaStreamTrack], Any]
+#: A listener may be a plain function or a coroutine function; what it returns is ignored.
+Listener = Callable[[Any], object]
+RemoteStreamCallback = Callable[[MediaStreamTrack], object]
+
+
+class Player(Protocol):
+    """A media source with tracks, such as aiortc's `MediaPlayer` (`sources.camera()`,
+    `sources.microphone()`, `sources.file(path)`)."""
+
+    @property
+    def video(self) -> MediaStreamTrack | None: ...
+
+    @property
+    def audio(self) -> MediaStreamTrack | None: ...
+
+
+#: What `connect` sends: a video track, tracks, or a player (its audio only for
+#: `live_avatar`); None for an avatar that speaks what `play_audio` plays.
+StreamInput = MediaStreamTrack | Sequence[MediaStreamTrack] | Player | None
 
 
 class _Unset:
@@ -68,21 +92,6 @@ class _Unset:
 
 #: Default of `RealtimeClient.set(image=...)`: "leave the image alone" (None clears it).
 UNSET: Final = _Unset()
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationTick:
-    """Generation time so far, cumulative for the session: the unit of billing."""
-
-    seconds: int
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationEnded:
-    """The server ended the session (`insufficient_credits`, `max_duration`, ...)."""
-
-    seconds: int
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +116,7 @@ def should_retry(error: LivemorphError) -> bool:
     return not error.permanent and error.code is not ErrorCode.INVALID_INPUT
 
 
-def _call(callback: Callable[[Any], Any], arg: Any, tasks: set[asyncio.Task[Any]]) -> None:
+def _call(callback: Callable[[Any], object], arg: object, tasks: set[asyncio.Task[Any]]) -> None:
     """Call a sync or async user callback; a coroutine runs as a task we keep track of."""
     try:
         result = callback(arg)
@@ -183,7 +192,7 @@ class _LiveConnection:
         self._reported: LivemorphError | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._listeners: dict[str, list[Listener]] = {event: [] for event in EVENTS}
-        self._buffer: list[tuple[str, Any]] | None = []
+        self._buffer: list[tuple[Event, EventPayload]] | None = []
         self._callback_tasks: set[asyncio.Task[Any]] = set()
         self._video_track: MediaStreamTrack | None = None
         self._audio_track: MediaStreamTrack | None = None
@@ -216,8 +225,24 @@ class _LiveConnection:
     def get_connection_state(self) -> ConnectionState:
         return self._state
 
-    def on(self, event: str, callback: Listener) -> None:
-        """Listen to "connection_change", "generation_tick", "generation_ended" or "error".
+    @overload
+    def on(
+        self, event: Literal["connection_change"], callback: Callable[[ConnectionState], object]
+    ) -> None: ...
+    @overload
+    def on(
+        self, event: Literal["generation_tick"], callback: Callable[[GenerationTick], object]
+    ) -> None: ...
+    @overload
+    def on(
+        self, event: Literal["generation_ended"], callback: Callable[[GenerationEnded], object]
+    ) -> None: ...
+    @overload
+    def on(self, event: Literal["error"], callback: Callable[[LivemorphError], object]) -> None: ...
+    def on(self, event: Event, callback: Listener) -> None:
+        """Listen to "connection_change" (a `ConnectionState`), "generation_tick" (a
+        `GenerationTick`), "generation_ended" (a `GenerationEnded`) or "error" (a
+        `LivemorphError`).
 
         Callbacks may be plain functions or coroutine functions. Events that happen while
         `connect()` runs are delivered right after it returns, so listeners registered then
@@ -225,7 +250,7 @@ class _LiveConnection:
         """
         self._listeners_for(event).append(callback)
 
-    def off(self, event: str, callback: Listener) -> None:
+    def off(self, event: Event, callback: Listener) -> None:
         with contextlib.suppress(ValueError):
             self._listeners_for(event).remove(callback)
 
@@ -266,7 +291,7 @@ class _LiveConnection:
                 ErrorCode.INVALID_INPUT,
             ) from None
 
-    def _emit(self, event: str, payload: Any) -> None:
+    def _emit(self, event: Event, payload: EventPayload) -> None:
         if self._buffer is not None:
             self._buffer.append((event, payload))
             return
@@ -330,8 +355,8 @@ class _LiveConnection:
     async def _attempt(self) -> None:
         signaling: Signaling
 
-        def on_event(kind: str, payload: Any) -> None:
-            self._on_signal(signaling, kind, payload)
+        def on_event(event: SignalEvent) -> None:
+            self._on_signal(signaling, event)
 
         signaling = Signaling(
             self._url,
@@ -368,31 +393,32 @@ class _LiveConnection:
     def _on_session(self, info: SubscribeTarget) -> None:
         """A `session_id` message arrived."""
 
-    def _on_signal(self, signaling: Signaling, kind: str, payload: Any) -> None:
+    def _on_signal(self, signaling: Signaling, event: SignalEvent) -> None:
         if signaling is not self._signaling or self._closing:
             return  # a stale attempt, or we are shutting down
-        if kind == "track":
-            if payload.kind == "video":
-                self._video_track = payload
-            else:
-                self._audio_track = payload
-            if self._on_remote_stream is not None:
-                _call(self._on_remote_stream, payload, self._callback_tasks)
-        elif kind == "session_id":
-            self._on_session(payload)
-        elif kind == "generation_tick":
-            self._emit("generation_tick", GenerationTick(payload))
-        elif kind == "generation_ended":
-            self._ended_by_server = GenerationEnded(*payload)
-            self._emit("generation_ended", self._ended_by_server)
-        elif kind == "error":
-            if not self._negotiating:  # while connecting, the attempt's outcome reports it
-                self._report(payload)
-        elif kind == "state" and not self._negotiating:
-            if payload == "disconnected":
-                self._on_drop(signaling)
-            else:
-                self._set_state(payload)
+        match event:
+            case MediaStreamTrack():
+                if event.kind == "video":
+                    self._video_track = event
+                else:
+                    self._audio_track = event
+                if self._on_remote_stream is not None:
+                    _call(self._on_remote_stream, event, self._callback_tasks)
+            case SubscribeTarget():
+                self._on_session(event)
+            case GenerationTick():
+                self._emit("generation_tick", event)
+            case GenerationEnded():
+                self._ended_by_server = event
+                self._emit("generation_ended", event)
+            case LivemorphError():
+                if not self._negotiating:  # while connecting, the attempt's outcome reports it
+                    self._report(event)
+            case StateChanged(state=state) if not self._negotiating:
+                if state == "disconnected":
+                    self._on_drop(signaling)
+                else:
+                    self._set_state(state)
 
     def _on_drop(self, signaling: Signaling) -> None:
         if self._supervisor is not None and not self._supervisor.done():
@@ -448,7 +474,7 @@ class RealtimeClient(_LiveConnection):
         *,
         model: str,
         prompt: tuple[str, bool] | None = None,
-        image: str | None = None,
+        image: bytes | None = None,
         http: httpx.AsyncClient | None = None,
         clip_track: ClipAudioTrack | None = None,
         **options: Any,
@@ -505,7 +531,7 @@ class RealtimeClient(_LiveConnection):
 
     async def set_prompt(self, text: str, enhance: bool = True) -> None:
         """Send a prompt and wait (15 s) for its ack; refused → INVALID_INPUT."""
-        _check_prompt(text)
+        _checked_prompt(text)
         await self._live().send_prompt(text, enhance, ack_timeout=PROMPT_TIMEOUT)
         self._prompt = (text, enhance)
 
@@ -523,8 +549,8 @@ class RealtimeClient(_LiveConnection):
         """
         self._keep_portrait(image)
         if prompt is not None:
-            _check_prompt(prompt)
-        data = None if image is None else await image_to_base64(image, self._http)
+            _checked_prompt(prompt)
+        data = None if image is None else await image_bytes(image, self._http)
         signaling = self._live()
         await signaling.send_image(
             data, prompt, enhance if prompt is not None else None, ack_timeout=timeout
@@ -644,9 +670,9 @@ class RealtimeAPI:
 
     async def connect(
         self,
-        stream: Any,
+        stream: StreamInput,
         *,
-        model: Any,
+        model: ModelSpec | str,
         on_remote_stream: RemoteStreamCallback | None = None,
         initial_state: Mapping[str, Any] | None = None,
         avatar: Mapping[str, Any] | None = None,
@@ -679,7 +705,7 @@ class RealtimeAPI:
         image_input = _portrait(name, avatar, image_input)
         image = None
         if image_input is not None:
-            image = await image_to_base64(image_input, self._client._http)
+            image = await image_bytes(image_input, self._client._http)
         send, receive, owned = _media_plan(name, stream)
         clip_track = next((t for t in owned if isinstance(t, ClipAudioTrack)), None)
         query = urlencode(
@@ -746,14 +772,15 @@ class RealtimeAPI:
         await connection._start()
 
 
-def _check_prompt(text: object) -> str:
-    """`text`, once it is a non-empty string."""
-    if not isinstance(text, str) or not text.strip():
-        raise LivemorphError("prompt must be a non-empty string", ErrorCode.INVALID_INPUT)
-    return text
+def _checked_prompt(text: object) -> str:
+    """`text`, once it is a prompt the server takes (docs/protocol.md)."""
+    try:
+        return check_prompt(text)
+    except ValueError as exc:
+        raise LivemorphError(str(exc), ErrorCode.INVALID_INPUT) from None
 
 
-def _model_target(model: Any) -> tuple[str, str]:
+def _model_target(model: object) -> tuple[str, str]:
     """The model's name and WebSocket path; unknown names go to the server to refuse."""
     if isinstance(model, str):
         spec = CATALOG.get(model)
@@ -780,10 +807,10 @@ def _initial_state(
     prompt = state.get("prompt")
     parsed: tuple[str, bool] | None = None
     if isinstance(prompt, str):
-        _check_prompt(prompt)
+        _checked_prompt(prompt)
         parsed = (prompt, True)
     elif isinstance(prompt, Mapping):
-        text = _check_prompt(prompt.get("text"))
+        text = _checked_prompt(prompt.get("text"))
         parsed = (text, bool(prompt.get("enhance", True)))
     elif prompt is not None:
         raise LivemorphError(
@@ -834,18 +861,19 @@ def _portrait(model: str, avatar: Mapping[str, Any] | None, image: Any) -> Any:
     return portrait
 
 
-def _tracks_of(stream: Any, *, with_audio: bool) -> list[MediaStreamTrack]:
+def _tracks_of(stream: StreamInput, *, with_audio: bool) -> list[MediaStreamTrack]:
     if stream is None:
         return []
     if isinstance(stream, MediaStreamTrack):
         return [stream]
-    if hasattr(stream, "video") or hasattr(stream, "audio"):  # a MediaPlayer or alike
+    if isinstance(stream, Sequence):
+        if all(isinstance(t, MediaStreamTrack) for t in stream):
+            return list(stream)
+    elif hasattr(stream, "video") or hasattr(stream, "audio"):  # a MediaPlayer or alike
         found = [getattr(stream, "video", None)]
         if with_audio:
             found.append(getattr(stream, "audio", None))
-        return [track for track in found if track is not None]
-    if isinstance(stream, Sequence) and all(isinstance(t, MediaStreamTrack) for t in stream):
-        return list(stream)
+        return [track for track in found if isinstance(track, MediaStreamTrack)]
     raise LivemorphError(
         "stream must be a MediaStreamTrack, a list of them, or a media player",
         ErrorCode.INVALID_INPUT,
@@ -853,7 +881,7 @@ def _tracks_of(stream: Any, *, with_audio: bool) -> list[MediaStreamTrack]:
 
 
 def _media_plan(
-    model: str, stream: Any
+    model: str, stream: StreamInput
 ) -> tuple[list[MediaStreamTrack], tuple[str, ...], list[MediaStreamTrack]]:
     """Tracks to send, kinds to receive only, and tracks we made (and must stop)."""
     if model == AVATAR_MODEL:

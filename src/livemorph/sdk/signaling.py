@@ -14,7 +14,8 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from aiortc import (
@@ -29,19 +30,63 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..errors import ErrorCode, LivemorphError, error_from_server_text
-from ..protocol import MAX_MESSAGE_BYTES, SubscribeTarget, parse_candidate
+from ..protocol import (
+    IMAGE_ACK_TIMEOUT,
+    MAX_MESSAGE_BYTES,
+    PROMPT_ACK_TIMEOUT,
+    Answer,
+    Candidate,
+    ClientMessage,
+    Error,
+    GenerationEnded,
+    GenerationStarted,
+    GenerationTick,
+    IceCandidate,
+    MessageError,
+    Offer,
+    Prompt,
+    PromptAck,
+    ServerMessage,
+    SessionId,
+    SetImage,
+    SetImageAck,
+    SubscribeTarget,
+    UnknownMessage,
+    parse_server,
+    serialise,
+)
 
 logger = logging.getLogger(__name__)
 
 ConnectionState = Literal["connecting", "connected", "generating", "disconnected", "reconnecting"]
 
-#: How long the published SDKs wait for a `prompt_ack`.
-PROMPT_TIMEOUT = 15.0
-#: How long the published SDKs wait for a `set_image_ack`.
-IMAGE_TIMEOUT = 30.0
+#: How long the published SDKs wait for a `prompt_ack`, and for a `set_image_ack`.
+PROMPT_TIMEOUT = PROMPT_ACK_TIMEOUT
+IMAGE_TIMEOUT = IMAGE_ACK_TIMEOUT
 
-EventHandler = Callable[[str, Any], None]
-OfferHook = Callable[[RTCSessionDescription], Awaitable[Any] | Any]
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    """The attempt's connection state moved on."""
+
+    state: ConnectionState
+
+
+#: What an attempt reports: its state, the session it opened, the server's ticks and end,
+#: an `error` the server sent, and each remote track.
+SignalEvent = (
+    StateChanged
+    | SubscribeTarget
+    | GenerationTick
+    | GenerationEnded
+    | LivemorphError
+    | MediaStreamTrack
+)
+EventHandler = Callable[[SignalEvent], None]
+#: Sees the offer before it is sent; may return (or resolve to) a replacement.
+OfferHook = Callable[
+    [RTCSessionDescription], Awaitable[RTCSessionDescription | None] | RTCSessionDescription | None
+]
 
 
 class WebSocketLike(Protocol):
@@ -75,12 +120,7 @@ def install_jitter_buffer(pc: RTCPeerConnection) -> None:
 
 
 class Signaling:
-    """One WebSocket plus one RTCPeerConnection; emits events through `on_event(kind, payload)`.
-
-    Event kinds: "state" (ConnectionState), "error" (LivemorphError), "session_id"
-    (SubscribeTarget), "generation_tick" (int seconds), "generation_ended" ((seconds, reason)),
-    "track" (MediaStreamTrack).
-    """
+    """One WebSocket plus one RTCPeerConnection; reports a `SignalEvent` to `on_event`."""
 
     def __init__(
         self,
@@ -183,19 +223,26 @@ class Signaling:
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def send_raw(self, message: dict[str, Any]) -> None:
-        """Low-level: send one JSON message as is, without waiting for any answer.
+    async def send(self, message: ClientMessage) -> None:
+        """Send one message without waiting for any answer."""
+        logger.debug("sending %s", message.type)
+        await self._send_text(serialise(message))
+
+    async def send_raw(self, message: dict[str, object]) -> None:
+        """Low-level: send any JSON object as is, without waiting for any answer.
 
         The high-level clients never expose this; it exists for diagnostics and for tests of
-        the server's refusals (a viewer trying to steer, say).
+        the server's refusals (a viewer trying to steer, a malformed field).
         """
+        await self._send_text(json.dumps(message))
+
+    async def _send_text(self, text: str) -> None:
         if self._ws is None or self._ended:
             if self._end_error is not None:
                 raise _fresh(self._end_error)
             raise LivemorphError("not connected", ErrorCode.WEB_RTC_ERROR)
-        logger.debug("sending %s", message.get("type"))
         try:
-            await self._ws.send(json.dumps(message))
+            await self._ws.send(text)
         except ConnectionClosed as exc:
             # The server may have said why just before closing: let the receive loop read it.
             task = self._receive_task
@@ -212,7 +259,7 @@ class Signaling:
         future = asyncio.get_running_loop().create_future()
         self._pending_prompts.setdefault(text, deque()).append(future)
         try:
-            await self.send_raw({"type": "prompt", "prompt": text, "enhance_prompt": enhance})
+            await self.send(Prompt(text, enhance))
             await _wait(future, ack_timeout, "prompt acknowledgment")
         finally:
             _settle(future)
@@ -225,29 +272,26 @@ class Signaling:
 
     async def send_image(
         self,
-        image_data: str | None,
+        image: bytes | None,
         prompt: str | None = None,
         enhance: bool | None = None,
         ack_timeout: float = IMAGE_TIMEOUT,
         *,
         passthrough: bool = False,
     ) -> None:
-        """Send `set_image` and wait for the next `set_image_ack` (acks come back in order).
+        """Send `set_image` with an image file's bytes (None clears it) and wait for the next
+        `set_image_ack` (acks come back in order).
 
         `passthrough` sends `image_data: null, prompt: null`, the published clients' way of
-        saying "no transformation yet".
+        saying "no transformation yet". `enhance` goes with a prompt only.
         """
-        message: dict[str, Any] = {"type": "set_image", "image_data": image_data}
-        if passthrough:
-            message["prompt"] = None
-        elif prompt is not None:
-            message["prompt"] = prompt
-            if enhance is not None:
-                message["enhance_prompt"] = enhance
+        message = SetImage(
+            image, prompt, enhance if prompt is not None else None, passthrough=passthrough
+        )
         future = asyncio.get_running_loop().create_future()
         self._pending_images.append(future)
         try:
-            await self.send_raw(message)
+            await self.send(message)
             await _wait(future, ack_timeout, "image acknowledgment")
         finally:
             _settle(future)
@@ -296,7 +340,7 @@ class Signaling:
         try:
             if pc.connectionState == "connected":
                 self._connected.set_result(None)
-            await self.send_raw({"type": "offer", "sdp": pc.localDescription.sdp})
+            await self.send(Offer(pc.localDescription.sdp))
             await _wait(self._connected, connect_timeout, "peer connection")
         finally:
             _settle(self._connected)
@@ -304,7 +348,7 @@ class Signaling:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         logger.debug("remote %s track", track.kind)
-        self._emit("track", track)
+        self._emit(track)
 
     def _on_pc_state(self) -> None:
         pc = self.pc
@@ -326,19 +370,18 @@ class Signaling:
         error: LivemorphError | None = None
         try:
             async for raw in self._ws:
-                if not isinstance(raw, str):
+                try:
+                    message = parse_server(raw)
+                except UnknownMessage as exc:
+                    logger.debug("ignoring %r message", exc.kind)
+                    continue
+                except MessageError as exc:
+                    logger.warning("ignoring a malformed message: %s", exc)
                     continue
                 try:
-                    data = json.loads(raw)
-                except ValueError:
-                    logger.warning("ignoring a message that is not JSON")
-                    continue
-                if not isinstance(data, dict):
-                    continue
-                try:
-                    await self.handle_message(data)
+                    await self.handle_message(message)
                 except Exception:
-                    logger.exception("error handling %s message", data.get("type"))
+                    logger.exception("error handling %s message", message.type)
         except ConnectionClosed:
             pass
         except Exception as exc:
@@ -355,61 +398,52 @@ class Signaling:
             return error_from_server_text(reason)
         return LivemorphError(f"connection closed by server (code {code})", ErrorCode.WEB_RTC_ERROR)
 
-    async def handle_message(self, data: dict[str, Any]) -> None:
+    async def handle_message(self, message: ServerMessage) -> None:
         """Act on one message from the server (the receive loop calls this for each)."""
-        kind = data.get("type")
-        self._last_was_error = kind == "error"
-        enhanced = data.get("enhanced_prompt")
-        if kind in ("prompt_ack", "set_image_ack") and data.get("success") and enhanced:
-            self.enhanced_prompt = str(enhanced)
-        if kind == "answer":
-            await self._apply_answer(str(data.get("sdp") or ""))
-        elif kind == "ice-candidate":
-            await self._add_candidate(data.get("candidate"))
-        elif kind == "session_id":
-            self.session = SubscribeTarget(
-                str(data.get("session_id") or ""),
-                str(data.get("server_ip") or ""),
-                int(data.get("server_port") or 0),
-            )
-            self._emit("session_id", self.session)
-        elif kind == "prompt_ack":
-            waiters = self._pending_prompts.get(str(data.get("prompt")))
-            self._resolve(waiters, data, "prompt")
-        elif kind == "set_image_ack":
-            self._resolve(self._pending_images, data, "image")
-        elif kind == "generation_started":
-            self._set_state("generating")
-        elif kind == "generation_tick":
-            self._emit("generation_tick", int(data.get("seconds") or 0))
-        elif kind == "generation_ended":
-            self._emit(
-                "generation_ended", (int(data.get("seconds") or 0), str(data.get("reason") or ""))
-            )
-        elif kind == "error":
-            error = error_from_server_text(str(data.get("error") or "unknown server error"))
-            logger.warning("server error: %s", error.message)
-            self.error = error
-            if self.state == "connecting":
-                # Any error before the peer connection is up fails the attempt at once. Later
-                # ones may be harmless (a refused message): waiters then get their ack, or
-                # the close that follows a fatal error.
-                self._fail_pending(error)
-            self._emit("error", error)
-        else:
-            logger.debug("ignoring %r message", kind)
+        self._last_was_error = isinstance(message, Error)
+        match message:
+            case Answer(sdp=sdp):
+                await self._apply_answer(sdp)
+            case IceCandidate(candidate=candidate):
+                await self._add_candidate(candidate)
+            case SessionId(session_id=session_id, server_ip=ip, server_port=port):
+                self.session = SubscribeTarget(session_id, ip, port)
+                self._emit(self.session)
+            case PromptAck():
+                self._resolve(self._pending_prompts.get(message.prompt or ""), message, "prompt")
+            case SetImageAck():
+                self._resolve(self._pending_images, message, "image")
+            case GenerationStarted():
+                self._set_state("generating")
+            case GenerationTick() | GenerationEnded():
+                self._emit(message)
+            case Error(error=text):
+                error = error_from_server_text(text)
+                logger.warning("server error: %s", error.message)
+                self.error = error
+                if self.state == "connecting":
+                    # Any error before the peer connection is up fails the attempt at once.
+                    # Later ones may be harmless (a refused message): waiters then get their
+                    # ack, or the close that follows a fatal error.
+                    self._fail_pending(error)
+                self._emit(error)
 
     def _resolve(
-        self, waiters: deque[asyncio.Future[None]] | None, data: dict[str, Any], what: str
+        self,
+        waiters: deque[asyncio.Future[None]] | None,
+        ack: PromptAck | SetImageAck,
+        what: str,
     ) -> None:
+        if ack.success and ack.enhanced_prompt:
+            self.enhanced_prompt = ack.enhanced_prompt
         while waiters:
             future = waiters.popleft()
             if future.done():
                 continue
-            if data.get("success"):
+            if ack.success:
                 future.set_result(None)
             else:
-                reason = str(data.get("error") or f"{what} refused")
+                reason = ack.error or f"{what} refused"
                 future.set_exception(LivemorphError(reason, ErrorCode.INVALID_INPUT))
             return
         logger.debug("unmatched %s ack", what)
@@ -442,15 +476,13 @@ class Signaling:
         finally:
             self._queued_candidates.clear()
 
-    async def _add_candidate(self, payload: Any) -> None:
-        if not isinstance(payload, dict):
+    async def _add_candidate(self, line: Candidate | None) -> None:
+        if line is None:
             return
         try:
-            candidate = parse_candidate(payload)
+            candidate = line.to_aiortc()
         except (AssertionError, ValueError, IndexError):
             logger.warning("ignoring a malformed ICE candidate")
-            return
-        if candidate is None:
             return
         if self.pc is not None and self.pc.remoteDescription is not None:
             await self.pc.addIceCandidate(candidate)
@@ -465,15 +497,15 @@ class Signaling:
         if self.state == "generating" and state != "disconnected":
             return
         self.state = state
-        self._emit("state", state)
+        self._emit(StateChanged(state))
 
-    def _emit(self, kind: str, payload: Any) -> None:
+    def _emit(self, event: SignalEvent) -> None:
         if self._on_event is None:
             return
         try:
-            self._on_event(kind, payload)
+            self._on_event(event)
         except Exception:
-            logger.exception("error in signaling %s handler", kind)
+            logger.exception("error in signaling %s handler", type(event).__name__)
 
 
 def _settle(future: asyncio.Future[None] | None) -> None:

@@ -7,28 +7,45 @@ order, one at a time, so acks come back in the order their requests were sent.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from ..engines import ModelNotAvailable
-from ..engines.base import Controls, EngineRefused, EngineUnavailable
-from ..media.frames import image_to_rgb
 from ..models import UnknownModelError
-from ..policy import Expansion, refusal
-from ..protocol import CLOSE_POLICY_VIOLATION, MAX_IMAGE_BYTES
+from ..policy import Policy
+from ..protocol import (
+    CLIENT_MESSAGES,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    VIEWER_MESSAGES,
+    Answer,
+    Candidate,
+    ClientError,
+    ClientMessage,
+    Error,
+    IceCandidate,
+    Offer,
+    Prompt,
+    PromptAck,
+    ServerMessage,
+    SessionId,
+    SetImage,
+    SetImageAck,
+    UnknownMessage,
+    parse_client,
+    serialise,
+)
 from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
-from ..sessions.session import Viewer
+from ..sessions.session import InputRefused, Viewer
 from .limits import TOO_MANY_MESSAGES, MessageGate
 from .state import AppState
 
@@ -36,18 +53,14 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-MAX_PROMPT_CHARS = 2000
-IMAGE_TOO_LARGE = f"image too large: the limit is {MAX_IMAGE_BYTES // 2**20} MB"
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_INTERNAL_ERROR = 1011
-
-
-class ClientError(Exception):
-    """A request the client got wrong: answered with an `error`, the session goes on."""
+#: Messages longer than this are parsed off the event loop: a 10 MB image's base64 takes
+#: tens of milliseconds to decode, which other sessions' frames must not wait for.
+PARSE_IN_THREAD_CHARS = 256 * 1024
+VIEWER_CANNOT_STEER = "not allowed: a viewer cannot steer the session"
 
 
 class Channel:
-    """A WebSocket with JSON send that never raises once the peer has gone.
+    """A WebSocket that sends protocol messages and never raises once the peer has gone.
 
     `gate` limits the rate of incoming messages: those over it are dropped unread.
     """
@@ -56,29 +69,29 @@ class Channel:
         self.ws = ws
         self.gate = gate
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: ServerMessage) -> None:
         if self.ws.application_state is not WebSocketState.CONNECTED:
             return
         try:
-            await self.ws.send_text(json.dumps(message))
+            await self.ws.send_text(serialise(message))
         except (WebSocketDisconnect, RuntimeError, OSError):
-            logger.debug("dropped %s: websocket gone", message.get("type"))
+            logger.debug("dropped %s: websocket gone", message.type)
 
     async def error(self, text: str) -> None:
-        await self.send({"type": "error", "error": text})
+        await self.send(Error(text))
 
     async def fatal(self, text: str, code: int = CLOSE_POLICY_VIOLATION) -> None:
         """Send an error the client must not retry past, then close."""
         await self.error(text)
         await self.close(code)
 
-    async def close(self, code: int = 1000) -> None:
+    async def close(self, code: int = CLOSE_NORMAL) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.close(code)
 
-    async def messages(self) -> AsyncIterator[dict[str, Any]]:
-        """Incoming JSON objects; malformed ones are answered here and skipped."""
+    async def messages(self) -> AsyncIterator[str | bytes]:
+        """Incoming frames as they came, each admitted by the rate gate; unparsed."""
         while True:
             event = await self.ws.receive()
             if event["type"] == "websocket.disconnect":
@@ -90,18 +103,16 @@ class Channel:
                         await self.error(TOO_MANY_MESSAGES)
                     continue
             text = event.get("text")
-            if text is None:
-                await self.error("invalid message: expected a JSON text frame")
-                continue
-            try:
-                message = json.loads(text)
-            except (ValueError, RecursionError):  # also too deep, or a number too long
-                await self.error("invalid message: not valid JSON")
-                continue
-            if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-                await self.error("invalid message: expected an object with a string 'type'")
-                continue
-            yield message
+            yield text if text is not None else event.get("bytes") or b""
+
+
+async def _parse(
+    frame: str | bytes, accepted: Mapping[str, type[ClientMessage]] = CLIENT_MESSAGES
+) -> ClientMessage:
+    """The frame as a client message (`ClientError` when it is not one)."""
+    if len(frame) > PARSE_IN_THREAD_CHARS:
+        return await asyncio.to_thread(parse_client, frame, accepted)
+    return parse_client(frame, accepted)
 
 
 def _state(ws: WebSocket) -> AppState:
@@ -154,6 +165,7 @@ async def stream(ws: WebSocket) -> None:
         engine.open_session(spec),
         state.executor,
         channel.send,
+        Policy(state.moderator, state.enhancer),
         fast_receive=state.settings.fast_receive,
         meter=state.meter,
     )
@@ -162,9 +174,7 @@ async def stream(ws: WebSocket) -> None:
     logger.info("session %s started: model %s", session.id, model)
     try:
         await state.meter.begin(session)
-        await channel.send(
-            {"type": "session_id", "session_id": session.id, "server_ip": ip, "server_port": port}
-        )
+        await channel.send(SessionId(session.id, ip, port))
         await _until_either(channel, _publisher_loop(channel, session), session.ended)
     finally:
         await session.close(notify=False)
@@ -195,179 +205,40 @@ async def _until_either(
 
 
 async def _publisher_loop(channel: Channel, session: Session) -> None:
-    async for message in channel.messages():
-        kind = message["type"]
+    async for frame in channel.messages():
         try:
-            if kind == "prompt":
-                await _handle_prompt(channel, session, message)
-            elif kind == "set_image":
-                await _handle_set_image(channel, session, message)
-            elif kind == "offer":
-                sdp = _require_str(message, "sdp")
-                answer = await _answer(session.accept_offer, sdp)
-                await channel.send({"type": "answer", "sdp": answer})
-            elif kind == "ice-candidate":
-                await _add_candidate(session.add_ice_candidate, message)
+            message = await _parse(frame)
+            if isinstance(message, Prompt):
+                await channel.send(await _prompt(session, message))
+            elif isinstance(message, SetImage):
+                await channel.send(await _set_image(session, message))
+            elif isinstance(message, Offer):
+                await channel.send(Answer(await _answer(session.accept_offer, message.sdp)))
             else:
-                raise ClientError(f"unknown message type {kind!r}")
+                await _add_candidate(session.add_ice_candidate, message)
         except ClientError as exc:
-            await channel.error(str(exc))
+            await channel.send(exc.reply)
         except SessionClosedError:
             return  # it ended while an input waited: not a bug, and `stream` tells why
 
 
-async def _handle_prompt(channel: Channel, session: Session, message: dict[str, Any]) -> None:
-    state = _state(channel.ws)
-    prompt = message.get("prompt")
-    ack: dict[str, Any] = {"type": "prompt_ack", "prompt": prompt}
+async def _prompt(session: Session, message: Prompt) -> PromptAck:
     try:
-        text = _valid_prompt(prompt)
-        enhance = _optional_bool(message, "enhance_prompt", True)
-        await _moderate(state, prompt=text)
-    except ClientError as exc:
-        await channel.send({**ack, "success": False, "error": str(exc)})
-        return
-    expansion = await state.enhancer.expand(text, enhance)
-    controls = Controls(prompt=expansion.prompt, enhance=enhance, image=session.controls.image)
-    if failed := await _apply(session, controls):
-        await channel.send({**ack, "success": False, "error": failed})
-        return
-    await channel.send({**ack, "success": True, **_enhanced(session, expansion)})
+        enhanced = await session.set_prompt(message.prompt, message.enhance_prompt)
+    except InputRefused as exc:
+        return PromptAck(message.prompt, success=False, error=str(exc))
+    return PromptAck(message.prompt, success=True, enhanced_prompt=enhanced)
 
 
-async def _handle_set_image(channel: Channel, session: Session, message: dict[str, Any]) -> None:
-    ack: dict[str, Any] = {"type": "set_image_ack"}
+async def _set_image(session: Session, message: SetImage) -> SetImageAck:
     try:
-        controls, expansion = await _image_controls(_state(channel.ws), session.controls, message)
-    except ClientError as exc:
-        await channel.send({**ack, "success": False, "error": str(exc)})
-        return
-    if failed := await _apply(session, controls):
-        await channel.send({**ack, "success": False, "error": failed})
-        return
-    await channel.send({**ack, "success": True, **_enhanced(session, expansion)})
-
-
-async def _apply(session: Session, controls: Controls) -> str | None:
-    """Apply controls; why not, when the engine failed on them (the pipeline logs it).
-
-    One input the engine cannot take is refused in its ack; the session goes on."""
-    try:
-        await session.apply(controls)
-    except SessionClosedError:
-        raise
-    except EngineUnavailable as exc:
-        return f"the engine could not apply this input: {exc.public}"
-    except EngineRefused as exc:
-        return str(exc)
-    except Exception:
-        return "the engine could not apply this input"
-    return None
-
-
-async def _moderate(state: AppState, prompt: str | None = None, image: bytes | None = None) -> None:
-    """Raise the refusal, if the moderator refuses; before anything of the input is applied."""
-    if (refused := await refusal(state.moderator, prompt, image)) is not None:
-        logger.info("refused by moderation: %s", refused)
-        raise ClientError(refused)
-
-
-def _enhanced(session: Session, expansion: Expansion | None = None) -> dict[str, str]:
-    """The fuller reading of an enhanced prompt, logged and sent with the ack.
-
-    An enhancer's expansion when it made one (it logs it), else the engine's own.
-    `enhanced_prompt` is an extra ack field: the published clients ignore it, ours expose it.
-    """
-    if expansion is not None and expansion.enhanced is not None:
-        return {"enhanced_prompt": expansion.enhanced}
-    description = session.pipeline.engine.description
-    if not description or not session.controls.enhance or session.controls.prompt is None:
-        return {}
-    logger.info(
-        "session %s: prompt %r enhanced to %r", session.id, session.controls.prompt, description
-    )
-    return {"enhanced_prompt": description}
-
-
-async def _image_controls(
-    state: AppState, current: Controls, message: dict[str, Any]
-) -> tuple[Controls, Expansion | None]:
-    """The controls a `set_image` asks for; both fields null means passthrough.
-
-    The new prompt and image are moderated together: a refusal of either applies neither.
-    """
-    data = message.get("image_data")
-    if data is not None and not isinstance(data, str):
-        raise ClientError("image_data must be a base64 string or null")
-    enhance = _optional_bool(message, "enhance_prompt", current.enhance)
-    if "prompt" in message and message["prompt"] is None and data is None:
-        return Controls(), None
-    new_prompt = None
-    if message.get("prompt") is not None:
-        new_prompt = _valid_prompt(message["prompt"])
-    raw = None if data is None else await asyncio.to_thread(_image_bytes, data)
-    await _moderate(state, prompt=new_prompt, image=raw)
-    image = None if raw is None else await asyncio.to_thread(_decode_image, raw)
-    if new_prompt is None:
-        return Controls(prompt=current.prompt, enhance=enhance, image=image), None
-    expansion = await state.enhancer.expand(new_prompt, enhance)
-    return Controls(prompt=expansion.prompt, enhance=enhance, image=image), expansion
-
-
-def _image_bytes(data: str) -> bytes:
-    """The image file in `image_data`; its size checked before and after decoding base64."""
-    if len(data) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
-        raise ClientError(IMAGE_TOO_LARGE)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError("image_data is not valid base64") from None
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise ClientError(IMAGE_TOO_LARGE)
-    return raw
-
-
-def _decode_image(raw: bytes) -> np.ndarray:
-    try:
-        return image_to_rgb(raw)
-    except ValueError as exc:
-        raise ClientError(f"invalid image: {exc}") from None
-
-
-def _valid_prompt(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ClientError("prompt must be a non-empty string")
-    if not _is_unicode(value):
-        raise ClientError("prompt must be valid Unicode text: it has a lone surrogate")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ClientError(f"prompt too long: the limit is {MAX_PROMPT_CHARS} characters")
-    return value
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a string with lone surrogates (JSON's "\\ud800"): no text, and the
-    tokenizers reading prompts refuse it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _optional_bool(message: dict[str, Any], key: str, default: bool) -> bool:
-    value = message.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ClientError(f"{key} must be true or false")
-    return value
-
-
-def _require_str(message: dict[str, Any], key: str) -> str:
-    value = message.get(key)
-    if not isinstance(value, str) or not value:
-        raise ClientError(f"{message['type']} needs a string '{key}'")
-    return value
+        if message.passthrough:
+            await session.passthrough()
+            return SetImageAck(success=True)
+        enhanced = await session.set_image(message.image, message.prompt, message.enhance_prompt)
+    except InputRefused as exc:
+        return SetImageAck(success=False, error=str(exc))
+    return SetImageAck(success=True, enhanced_prompt=enhanced)
 
 
 async def _answer(accept: Callable[[str], Awaitable[str]], sdp: str) -> str:
@@ -381,15 +252,12 @@ async def _answer(accept: Callable[[str], Awaitable[str]], sdp: str) -> str:
 
 
 async def _add_candidate(
-    add: Callable[[dict[str, Any]], Awaitable[None]], message: dict[str, Any]
+    add: Callable[[Candidate], Awaitable[None]], message: IceCandidate
 ) -> None:
-    payload = message.get("candidate")
-    if payload is not None and not isinstance(payload, dict):
-        raise ClientError("ice-candidate needs a candidate object or null")
-    if not payload or not payload.get("candidate"):
+    if message.candidate is None:
         return  # end of candidates
     try:
-        await add(payload)
+        await add(message.candidate)
     except ValueError as exc:
         raise ClientError(f"invalid ice-candidate: {exc}") from None
     except Exception:
@@ -417,17 +285,17 @@ async def subscribe(ws: WebSocket, session_id: str) -> None:
 
 
 async def _viewer_loop(channel: Channel, viewer: Viewer) -> None:
-    async for message in channel.messages():
-        kind = message["type"]
+    async for frame in channel.messages():
         try:
-            if kind == "offer":
-                answer = await _answer(viewer.accept_offer, _require_str(message, "sdp"))
-                await channel.send({"type": "answer", "sdp": answer})
-            elif kind == "ice-candidate":
+            try:
+                message = await _parse(frame, VIEWER_MESSAGES)
+            except UnknownMessage as exc:
+                if exc.kind in (Prompt.type, SetImage.type):
+                    raise ClientError(VIEWER_CANNOT_STEER) from None
+                raise
+            if isinstance(message, Offer):
+                await channel.send(Answer(await _answer(viewer.accept_offer, message.sdp)))
+            elif isinstance(message, IceCandidate):
                 await _add_candidate(viewer.add_ice_candidate, message)
-            elif kind in ("prompt", "set_image"):
-                raise ClientError("not allowed: a viewer cannot steer the session")
-            else:
-                raise ClientError(f"unknown message type {kind!r}")
         except ClientError as exc:
-            await channel.error(str(exc))
+            await channel.send(exc.reply)

@@ -1,4 +1,9 @@
-"""One publishing session: its peer connection, pipeline, usage clock and viewers."""
+"""One publishing session: its controls, peer connection, pipeline, usage clock and viewers.
+
+The session owns what the client asked for. `set_prompt` and `set_image` ask the policy
+(moderation, then enhancement), hand the engine its new controls through the pipeline, and
+return the enhanced prompt for the ack, or raise `InputRefused` with the ack's reason.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,31 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
-from ..engines.base import AUDIO_RATE, Controls, EngineSession
+from ..engines.base import AUDIO_RATE, Controls, EngineRefused, EngineSession, EngineUnavailable
 from ..media.audio import AudioTap, ClockTrack, DelayedAudioTrack
 from ..media.encoder import use_realtime_encoder
+from ..media.frames import image_to_rgb
 from ..media.jitter import install_on_peer_connection
 from ..models import ModelSpec
-from ..protocol import parse_candidate
+from ..policy import Expansion, Policy
+from ..protocol import Candidate, GenerationEnded, GenerationStarted, GenerationTick, ServerMessage
 from ..storage import Principal
 from .metering import INSUFFICIENT_CREDITS_REASON, Meter, Unmetered
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SessionClosedError
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[ServerMessage], Awaitable[None]]
+
+
+class InputRefused(Exception):
+    """A prompt or image the session did not apply; `str()` is the ack's `error`, and the
+    session goes on as it was."""
 
 
 class SessionEnded(Exception):
@@ -41,11 +52,15 @@ def new_peer_connection() -> RTCPeerConnection:
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
 
-async def add_ice_candidate(pc: RTCPeerConnection, payload: dict[str, Any]) -> None:
-    """Apply one trickled candidate (`{candidate, sdpMid, sdpMLineIndex}`)."""
-    candidate = parse_candidate(payload)
-    if candidate is not None:
-        await pc.addIceCandidate(candidate)
+async def add_ice_candidate(pc: RTCPeerConnection | None, candidate: Candidate) -> None:
+    """Apply one trickled candidate; ValueError before the offer or for a bad line."""
+    if pc is None:
+        raise ValueError("ice-candidate before offer")
+    try:
+        parsed = candidate.to_aiortc()
+    except (ValueError, IndexError, AssertionError):
+        raise ValueError("the candidate line does not parse") from None
+    await pc.addIceCandidate(parsed)
 
 
 class Session:
@@ -58,12 +73,14 @@ class Session:
         engine: EngineSession,
         executor: Executor,
         send: Send,
+        policy: Policy,
         *,
         fast_receive: bool = True,
         meter: Meter | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.meter: Meter = meter or Unmetered()
+        self.policy = policy
         self.fast_receive = fast_receive
         self.spec = spec
         self.principal = principal
@@ -83,10 +100,73 @@ class Session:
 
     # -- control ----------------------------------------------------------------------
 
+    async def set_prompt(self, prompt: str, enhance: bool | None = None) -> str | None:
+        """Restyle by `prompt` from the next frame on (`enhance` None: on); returns the
+        enhanced prompt for the ack, if any. Raises `InputRefused`; `SessionClosedError`
+        when the session ended meanwhile."""
+        enhance = True if enhance is None else enhance
+        if (refused := await self.policy.refusal(prompt=prompt)) is not None:
+            logger.info("session %s: %s", self.id, refused)
+            raise InputRefused(refused)
+        expansion = await self.policy.expand(prompt, enhance)
+        await self.apply(Controls(expansion.prompt, enhance, self.controls.image))
+        return self._enhanced(expansion)
+
+    async def set_image(
+        self, image: bytes | None, prompt: str | None = None, enhance: bool | None = None
+    ) -> str | None:
+        """Set the reference image from its file's bytes (None clears it), with a new
+        prompt or keeping the current one; `enhance` None keeps the current setting. The
+        prompt and the image are moderated together: a refusal of either applies neither.
+        Returns the enhanced prompt for the ack, if any; raises as `set_prompt`."""
+        enhance = self.controls.enhance if enhance is None else enhance
+        if (refused := await self.policy.refusal(prompt=prompt, image=image)) is not None:
+            logger.info("session %s: %s", self.id, refused)
+            raise InputRefused(refused)
+        rgb = None
+        if image is not None:
+            try:
+                rgb = await asyncio.to_thread(image_to_rgb, image)
+            except ValueError as exc:
+                raise InputRefused(f"invalid image: {exc}") from None
+        if prompt is None:
+            await self.apply(Controls(self.controls.prompt, enhance, rgb))
+            return self._enhanced()
+        expansion = await self.policy.expand(prompt, enhance)
+        await self.apply(Controls(expansion.prompt, enhance, rgb))
+        return self._enhanced(expansion)
+
+    async def passthrough(self) -> None:
+        """No transformation until the next prompt or image."""
+        await self.apply(Controls())
+
     async def apply(self, controls: Controls) -> None:
-        """Make `controls` govern the next frame, then remember them."""
-        await self.pipeline.apply(controls)
+        """Make `controls` govern the next frame, then remember them; `InputRefused` when the
+        engine cannot take them (the pipeline logs why), and the old ones stay."""
+        try:
+            await self.pipeline.apply(controls)
+        except SessionClosedError:
+            raise
+        except EngineUnavailable as exc:
+            raise InputRefused(f"the engine could not apply this input: {exc.public}") from None
+        except EngineRefused as exc:
+            raise InputRefused(str(exc)) from None
+        except Exception:
+            raise InputRefused("the engine could not apply this input") from None
         self.controls = controls
+
+    def _enhanced(self, expansion: Expansion | None = None) -> str | None:
+        """The fuller reading of the prompt for the ack: the enhancer's expansion when it
+        made one (it logs it), else the engine's own when enhancement is on."""
+        if expansion is not None and expansion.enhanced is not None:
+            return expansion.enhanced
+        description = self.pipeline.engine.description
+        if not description or not self.controls.enhance or self.controls.prompt is None:
+            return None
+        logger.info(
+            "session %s: prompt %r enhanced to %r", self.id, self.controls.prompt, description
+        )
+        return description
 
     # -- media ------------------------------------------------------------------------
 
@@ -155,10 +235,8 @@ class Session:
         use_realtime_encoder(pc)
         return pc.localDescription.sdp
 
-    async def add_ice_candidate(self, payload: dict[str, Any]) -> None:
-        if self.pc is None:
-            raise ValueError("ice-candidate before offer")
-        await add_ice_candidate(self.pc, payload)
+    async def add_ice_candidate(self, candidate: Candidate) -> None:
+        await add_ice_candidate(self.pc, candidate)
 
     # -- usage ------------------------------------------------------------------------
 
@@ -168,7 +246,7 @@ class Session:
         task.add_done_callback(self._background.discard)
 
     def _on_first_frame(self) -> None:
-        self._spawn(self._send({"type": "generation_started"}))
+        self._spawn(self._send(GenerationStarted()))
         self._ticker = asyncio.create_task(self._tick(), name=f"ticks-{self.id}")
 
     async def _tick(self) -> None:
@@ -181,7 +259,7 @@ class Session:
             await asyncio.sleep(max(0.0, start + self.seconds + 1 - loop.time()))
             self.seconds += 1
             has_credits = await self.meter.tick(self)
-            await self._send({"type": "generation_tick", "seconds": self.seconds})
+            await self._send(GenerationTick(self.seconds))
             if not has_credits:
                 self._spawn(self.close(INSUFFICIENT_CREDITS_REASON))
                 return
@@ -210,9 +288,7 @@ class Session:
             await asyncio.gather(self._ticker, return_exceptions=True)
         await self.meter.end(self)  # usage stops being counted now
         if notify:
-            await self._send(
-                {"type": "generation_ended", "seconds": self.seconds, "reason": reason}
-            )
+            await self._send(GenerationEnded(self.seconds, reason))
         await asyncio.gather(*(viewer.close() for viewer in list(self.viewers)))
         await self.pipeline.close()
         if self.audio is not None:
@@ -267,10 +343,8 @@ class Viewer:
         use_realtime_encoder(pc)
         return pc.localDescription.sdp
 
-    async def add_ice_candidate(self, payload: dict[str, Any]) -> None:
-        if self.pc is None:
-            raise ValueError("ice-candidate before offer")
-        await add_ice_candidate(self.pc, payload)
+    async def add_ice_candidate(self, candidate: Candidate) -> None:
+        await add_ice_candidate(self.pc, candidate)
 
     async def close(self) -> None:
         if self.ended.is_set():
