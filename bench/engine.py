@@ -58,10 +58,11 @@ Engines are pinned to the scaler's start size (224x124) except in `e2e` and `ste
 the per-size comparison: `size=auto` climbs after 50 frames on an idle machine.
 
 The e2e part's latency needs the stamp that bench/latency.py's source draws in the top-left
-368x48 px; a restyling engine paints over it, so for e2e the server runs with
-LIVEMORPH_BENCH_KEEP_STAMP=1, which makes the neural engine copy that corner from the camera
-unchanged. The rest of the frame still goes through the network: the cost measured is the
-full cost.
+368x48 px; a restyling engine paints over it, so for e2e the server runs each engine
+wrapped as `stamped:<engine>` (stamp.py, known to the bench's server, bench_server.py),
+which copies that corner from the camera into the output unchanged. The whole frame still
+goes through the engine: the cost measured is the full cost. `step` and `trace` run the
+engines unwrapped.
 """
 
 from __future__ import annotations
@@ -859,10 +860,10 @@ async def _e2e_run(server: LiveServer, model: str, sessions: int, args: argparse
 def part_e2e(args: argparse.Namespace) -> None:
     args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or 15.0})
     print("\n## end to end through livemorph serve (client and server on this machine)")
-    os.environ[neural.KEEP_STAMP_ENV] = "1"  # inherited by the server: see the docstring
     for engine in args.engines:
         print(f"  engine {engine}", flush=True)
-        with livemorph_server(engine, fast=True, log_level="info") as server:  # sizes logged
+        # the stamp kept, for the latency reading: see the docstring; sizes are logged at info
+        with livemorph_server(f"stamped:{engine}", fast=True, log_level="info") as server:
             for sessions in args.sessions:
                 asyncio.run(_e2e_run(server, args.model, sessions, args))
 
@@ -1119,7 +1120,6 @@ def part_step(args: argparse.Namespace) -> None:
         f" every {STEP_HOLD_S:g} s, {args.seconds or 60.0:g} s after {args.warmup:g} s warm-up",
         flush=True,
     )
-    os.environ.pop(neural.KEEP_STAMP_ENV, None)  # the whole frame goes through the engine
     for engine in args.engines:
         for client in args.client:
             print(f"  engine {engine}, {client} client (a fresh server)", flush=True)
@@ -1367,7 +1367,6 @@ def part_trace(args: argparse.Namespace) -> None:
         f"with the same camera frames and prompt, {seconds:g} s after {args.warmup:g} s warm-up:",
         flush=True,
     )
-    os.environ.pop(neural.KEEP_STAMP_ENV, None)  # the whole frame goes through the engine
     with livemorph_server(engine_spec, fast=True, log_level="info") as server:
         run = asyncio.run(_server_run(server, frames, args.prompt, seconds, args.warmup))
     ms_per_frame = 1000 * run["server_cpu"] / run["delivered"]

@@ -42,11 +42,12 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender
 from av import VideoFrame
 
+import bench_server
 import framecode
 from livemorph import create_client
 from livemorph.media.jitter import install_on_peer_connection
 from livemorph.models import CATALOG
-from livemorph.testing import LiveServer, serve
+from livemorph.testing import LiveServer
 
 VIDEO_TIME_BASE = Fraction(1, 90000)
 _EPOCH = time.monotonic()
@@ -284,10 +285,11 @@ def through_server(server: LiveServer, model: str, fast: bool) -> ConnectFn:
 
 @contextlib.contextmanager
 def livemorph_server(engine: str, fast: bool, log_level: str = "warning") -> Iterator[LiveServer]:
-    """A fresh `livemorph serve` with `engine`, its receive path stock or fast."""
+    """A fresh `livemorph serve` with `engine`, its receive path stock or fast; the bench's
+    engines (`stamped:<engine>`, bench_server.py) are among those it knows."""
     with (
         tempfile.TemporaryDirectory(prefix="livemorph-bench-") as data_dir,
-        serve(
+        bench_server.serving(
             Path(data_dir),
             "--engine",
             engine,

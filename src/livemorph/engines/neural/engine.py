@@ -24,10 +24,6 @@ network size for 16:9 output (other aspects keep its width), `auto` by default: 
 session starts at the smallest and steps up while the whole process has time to spare
 (scaler.py); the intra-op threads, whether to stabilise, the least share of the camera's
 structure kept everywhere, and whether to protect faces.
-
-`LIVEMORPH_BENCH_KEEP_STAMP=1` is a benchmarking aid only: it copies the camera's top-left
-368x48 pixels into the output unchanged, so bench/engine.py can read the latency stamp
-that bench/latency.py's source draws there. Never set it in production.
 """
 
 from __future__ import annotations
@@ -58,9 +54,6 @@ from .temporal import Stabiliser
 
 logger = logging.getLogger(__name__)
 
-KEEP_STAMP_ENV = "LIVEMORPH_BENCH_KEEP_STAMP"
-#: The latency stamp's corner (bench/framecode.py: 16 px margin + 22 x 2 cells of 16 px).
-STAMP_WIDTH, STAMP_HEIGHT = 368, 48
 #: The network's starting input size for 16:9-ish output (1280x704); see `network_size`.
 #: The network runs on one core, so its size sets the frame rate whatever the core count:
 #: on a slow 2-core machine, end to end with the client beside the server, 224x124 gave
@@ -174,9 +167,6 @@ class NeuralEngine(Engine):
             raise ValueError("structure must be between 0 and 1")
         self.protect_faces = _flag(parsed.get("faces", "1"))
         self._cascade: cv2.CascadeClassifier | None = None
-        self.keep_stamp = os.environ.get(KEEP_STAMP_ENV, "") == "1"
-        if self.keep_stamp:
-            logger.warning("%s=1: stamp corner left unstyled (benchmarks only)", KEEP_STAMP_ENV)
         self._lock = threading.Lock()
         self._networks: StyleNetworks | None = None
         self._helpers: ThreadPoolExecutor | None = None
@@ -478,8 +468,6 @@ class NeuralSession(EngineSession):
             self.effects.full(
                 _plane(output, 0), _plane(output, 1), _plane(output, 2), y_camera, look.effects
             )
-        if self.engine.keep_stamp:
-            _copy_corner(camera, output)
         return output
 
     def _chroma(
@@ -552,11 +540,3 @@ def _plane(frame: VideoFrame, index: int) -> np.ndarray:
     plane = frame.planes[index]
     rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]
-
-
-def _copy_corner(camera: VideoFrame, output: VideoFrame) -> None:
-    """Benchmarking aid: the camera's top-left stamp corner, unstyled, in the output."""
-    for index, (w, h) in enumerate(
-        [(STAMP_WIDTH, STAMP_HEIGHT)] + [(STAMP_WIDTH // 2, STAMP_HEIGHT // 2)] * 2
-    ):
-        _plane(output, index)[:h, :w] = _plane(camera, index)[:h, :w]
