@@ -65,6 +65,11 @@ def _cmd_serve(settings: Settings) -> int:
             flush=True,
         )
     app = create_app(settings)
+    try:  # a forced engine loads now: a missing extra or bad weights stop the start, said plainly
+        app.state.livemorph.engines.preload()
+    except Exception as exc:
+        print(f"livemorph: the engine {settings.engine} cannot start: {exc}", file=sys.stderr)
+        return 1
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -28,6 +28,17 @@ def _neural(options: str = "") -> Engine:
     return NeuralEngine(options)
 
 
+def _diffusion(options: str = "") -> Engine:
+    """Streaming img2img on a local diffusers pipeline, imported only when asked for: it
+    pulls in torch, diffusers and transformers (the `diffusion` extra)."""
+    from .diffusion import require_runtime
+
+    require_runtime()  # says what to install, rather than an ImportError from deep inside
+    from .diffusion.engine import DiffusionEngine
+
+    return DiffusionEngine(options)
+
+
 #: Engine factories by name. Engines import heavy runtimes lazily inside their factory.
 #: An engine spec may carry one argument after a colon: `sleep:120` calls `SleepEngine("120")`.
 ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
@@ -37,6 +48,7 @@ ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
     "neural": _neural,
     "avatar": _avatar,
     "meter": MeterEngine,
+    "diffusion": _diffusion,
 }
 #: Engines that make their picture from the client's audio (`EngineSession.listens`): they
 #: serve the avatar models, the others the camera models, and `--engine` forces one of a
@@ -71,6 +83,12 @@ class EngineRegistry:
         self._loaded: dict[str, Engine] = {}
 
     def engine_name(self, model: str) -> str | None:
+        """The engine serving `model` here, as clients may see it: its name without its
+        arguments (which may hold the server's paths: `diffusion:model=DIR`)."""
+        spec = self._engine_spec(model)
+        return None if spec is None else spec.partition(":")[0]
+
+    def _engine_spec(self, model: str) -> str | None:
         if model not in CATALOG:
             raise UnknownModelError(model)
         default = DEFAULT_ENGINES.get(model)
@@ -83,7 +101,7 @@ class EngineRegistry:
 
     def resolve(self, model: str) -> tuple[ModelSpec, Engine]:
         """The model's spec and its loaded engine; raises UnknownModelError/ModelNotAvailable."""
-        name = self.engine_name(model)
+        name = self._engine_spec(model)
         if name is None:
             raise ModelNotAvailable(model)
         engine = self._loaded.get(name)
@@ -93,6 +111,18 @@ class EngineRegistry:
             engine = ENGINE_FACTORIES[factory](*([argument] if argument else []))
             self._loaded[name] = engine
         return CATALOG[model], engine
+
+    def preload(self) -> None:
+        """Load the engine forced with `override` now, so that a missing extra or a broken
+        model folder stops the server at start with the engine's own message, instead of
+        failing its first session. Loads nothing without an override."""
+        if self._override is None:
+            return
+        model = next(
+            (name for name in CATALOG if self._engine_spec(name) == self._override), None
+        )
+        if model is not None:
+            self.resolve(model)
 
     def close(self) -> None:
         for engine in self._loaded.values():
