@@ -7,8 +7,11 @@ from .client import Client, ClientToken, TokensClient, create_client
 from .images import image_bytes, image_to_base64
 from .realtime import (
     UNSET,
+    AvatarState,
     Event,
+    InitialState,
     Player,
+    PromptState,
     RealtimeAPI,
     RealtimeClient,
     RetryPolicy,
@@ -21,6 +24,7 @@ from .sources import ArrayVideoTrack
 __all__ = [
     "UNSET",
     "ArrayVideoTrack",
+    "AvatarState",
     "Client",
     "ClientToken",
     "ClipAudioTrack",
@@ -28,7 +32,9 @@ __all__ = [
     "Event",
     "GenerationEnded",
     "GenerationTick",
+    "InitialState",
     "Player",
+    "PromptState",
     "RealtimeAPI",
     "RealtimeClient",
     "RetryPolicy",

@@ -17,7 +17,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Required, TypedDict, overload
 from urllib.parse import quote, urlencode
 
 from aiortc import MediaStreamTrack, RTCIceServer
@@ -78,6 +78,28 @@ class Player(Protocol):
 
     @property
     def audio(self) -> MediaStreamTrack | None: ...
+
+
+class PromptState(TypedDict, total=False):
+    """A prompt with its enhance flag, as in `initial_state={"prompt": {...}}`."""
+
+    text: Required[str]
+    enhance: bool
+
+
+class InitialState(TypedDict, total=False):
+    """What a session starts with, applied before its first frame."""
+
+    prompt: str | PromptState
+    image: ImageInput
+
+
+class AvatarState(TypedDict, total=False):
+    """`live_avatar`'s portrait: `avatar={"image": portrait}` (`avatar_image` as in the
+    browser SDK works too)."""
+
+    image: ImageInput
+    avatar_image: ImageInput
 
 
 #: What `connect` sends: a video track, tracks, or a player (its audio only for
@@ -674,8 +696,8 @@ class RealtimeAPI:
         *,
         model: ModelSpec | str,
         on_remote_stream: RemoteStreamCallback | None = None,
-        initial_state: Mapping[str, Any] | None = None,
-        avatar: Mapping[str, Any] | None = None,
+        initial_state: InitialState | None = None,
+        avatar: AvatarState | None = None,
         customize_offer: OfferHook | None = None,
         ice_servers: Iterable[RTCIceServer] = (),
         retry: RetryPolicy | None = None,
