@@ -79,6 +79,10 @@ def build_tiny_pipeline(folder: Path, *, seed: int = 0) -> Path:
         latent_channels=4,
         sample_size=64,
     )
+    # Random weights make latents of a tiny spread (about 0.02); a scaling factor that
+    # brings them to unit spread, as SD's 0.18215 does for its trained VAE, makes the output
+    # depend on the camera as a real model's does, not on the noise alone.
+    vae.register_to_config(scaling_factor=1.0 / _latent_spread(vae, sample=True))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocabulary),
@@ -92,6 +96,13 @@ def build_tiny_pipeline(folder: Path, *, seed: int = 0) -> Path:
             pad_token_id=vocabulary["<|endoftext|>"],
         )
     )
+    # Random attention weights let the prompt move the picture only a little; a larger
+    # scale on the text encoder's last norm makes two prompts as far apart in the picture
+    # as they are for a trained model.
+    with torch.no_grad():
+        for name, parameter in text_encoder.named_parameters():
+            if name.endswith("final_layer_norm.weight"):  # text_model. before it in 4.x
+                parameter.mul_(24.0)
     scheduler = LCMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -120,11 +131,27 @@ def build_tiny_taesd(folder: Path, *, seed: int = 1) -> Path:
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    AutoencoderTiny(
+    tiny = AutoencoderTiny(
         encoder_block_out_channels=(8, 8),
         decoder_block_out_channels=(8, 8),
         num_encoder_blocks=(1, 1),
         num_decoder_blocks=(1, 1),
         latent_channels=4,
-    ).save_pretrained(str(folder))
+    )
+    tiny.register_to_config(scaling_factor=1.0 / _latent_spread(tiny, sample=False))
+    tiny.save_pretrained(str(folder))
     return folder
+
+
+def _latent_spread(vae: object, *, sample: bool) -> float:
+    """The standard deviation of `vae`'s latents for a smooth test picture."""
+    import torch
+
+    ramp = torch.linspace(-1, 1, 64)
+    picture = torch.stack(
+        [ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64), -ramp[None, :].expand(64, 64)]
+    )
+    with torch.no_grad():
+        encoded = vae.encode(picture[None])  # type: ignore[attr-defined]
+        latents = encoded.latent_dist.mode() if sample else encoded.latents
+    return float(latents.std())

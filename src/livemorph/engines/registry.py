@@ -118,9 +118,7 @@ class EngineRegistry:
         failing its first session. Loads nothing without an override."""
         if self._override is None:
             return
-        model = next(
-            (name for name in CATALOG if self._engine_spec(name) == self._override), None
-        )
+        model = next((name for name in CATALOG if self._engine_spec(name) == self._override), None)
         if model is not None:
             self.resolve(model)
 

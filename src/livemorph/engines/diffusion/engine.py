@@ -38,7 +38,7 @@ import logging
 import random
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -632,6 +632,11 @@ class DiffusionSession(EngineSession):
         self._last_latent: torch.Tensor | None = None
         self._last_output: np.ndarray | None = None
         self._skips = 0
+        #: Processed frames in a row alike enough to skip: with stream batch, only once all
+        #: the frames in flight are alike may one be skipped.
+        self._calm = 0
+        #: Each processed frame's likeness to the one before it, for the frames in flight.
+        self._similarities: deque[float | None] = deque(maxlen=engine.options.steps)
         self.frames = 0
         self.skipped = 0
 
@@ -666,6 +671,8 @@ class DiffusionSession(EngineSession):
         self._last_input = None
         self._last_output = None
         self._skips = 0
+        self._calm = len(self._t)  # the stream is primed with copies of the next frame
+        self._similarities.clear()
 
     # -- frames -----------------------------------------------------------------------
 
@@ -680,8 +687,13 @@ class DiffusionSession(EngineSession):
                 assert self._last_output is not None
                 return _frame(self._last_output)
             latent = self._denoise(image)
-            if self._last_latent is not None and similarity is not None:
-                still = min(1.0, max(0.0, (similarity - STILL_FROM) / (1 - STILL_FROM)))
+            # The output is the frame that entered len(self._similarities) - 1 frames ago
+            # (stream batch); it is blended with the output before it as far as the two
+            # camera frames they came from are alike.
+            self._similarities.append(similarity)
+            alike = self._similarities[0] if self._engine.stream else similarity
+            if self._last_latent is not None and alike is not None:
+                still = min(1.0, max(0.0, (alike - STILL_FROM) / (1 - STILL_FROM)))
                 weight = self._engine.options.blend * still
                 if weight > 0:
                     latent = torch.lerp(latent, self._last_latent, weight)
@@ -716,18 +728,26 @@ class DiffusionSession(EngineSession):
 
     def _skip(self, similarity: float | None) -> bool:
         """StreamDiffusion's stochastic similarity filter: skip with probability
-        1 - (1 - similarity) / (1 - threshold), but never more than `max_skip` in a row."""
+        1 - (1 - similarity) / (1 - threshold), but never more than `max_skip` in a row, and
+        never while frames unlike this one are still in flight (stream batch)."""
         threshold = self._engine.options.similarity
         if similarity is None or threshold <= 0 or self._last_output is None:
             return False
+        if self._calm < len(self._t) - 1:
+            # The frames still in flight differ from this one: skipping now would hold
+            # their picture back; they are flushed first.
+            self._calm = self._calm + 1 if similarity >= threshold else 0
+            return False
         if self._skips >= self._engine.options.max_skip:
             self._skips = 0
+            self._calm = self._calm + 1 if similarity >= threshold else 0
             return False
         probability = 1 - (1 - similarity) / (1 - threshold) if threshold < 1 else 0.0
         if self._rng.random() < probability:
             self._skips += 1
             return True
         self._skips = 0
+        self._calm = self._calm + 1 if similarity >= threshold else 0
         return False
 
     def _denoise(self, image: torch.Tensor) -> torch.Tensor:
