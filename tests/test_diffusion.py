@@ -39,7 +39,7 @@ if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("to
 import torch
 
 from livemorph.engines.diffusion.engine import Batcher
-from tests.tiny_diffusion import build_tiny_pipeline, build_tiny_taesd
+from tests.tiny_diffusion import build_tiny_ip_adapter, build_tiny_pipeline, build_tiny_taesd
 
 SPEC = CATALOG["mirage"]
 #: Few threads: CI has two cores, and the server subprocess needs its own.
@@ -163,6 +163,32 @@ def test_image_prompts_are_refused_without_an_ip_adapter(engine) -> None:
             session.configure(Controls(prompt="x", image=np.zeros((8, 8, 3), np.uint8)))
     finally:
         session.close()
+
+
+def test_reference_images_steer_the_picture_through_an_ip_adapter(weights, tmp_path) -> None:
+    adapter, encoder = build_tiny_ip_adapter(tmp_path / "ip-adapter", weights[0])
+    registry = EngineRegistry(
+        f"diffusion:model={weights[0]},ip_adapter={adapter},image_encoder={encoder},"
+        f"threads={THREADS},similarity=0"
+    )
+    registry.preload()
+    session = registry.resolve("mirage")[1].open_session(SPEC)
+    camera = photo(1280, 704)
+    red, blue = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = blue[..., 2] = 220
+    try:
+        session.configure(Controls(prompt="a marble statue"))
+        plain = run(session, camera)
+        session.configure(Controls(prompt="a marble statue", image=red))
+        reddish = run(session, camera)
+        session.configure(Controls(prompt="a marble statue", image=blue))
+        bluish = run(session, camera)
+        assert mean_abs_diff(reddish, plain) > 2 and mean_abs_diff(bluish, reddish) > 2
+        session.configure(Controls(prompt="a marble statue"))
+        assert mean_abs_diff(run(session, camera), plain) < 0.5, "no image: as before"
+    finally:
+        session.close()
+        registry.close()
 
 
 def test_sessions_free_their_memory_when_they_end(engine) -> None:

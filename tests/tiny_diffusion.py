@@ -155,3 +155,59 @@ def _latent_spread(vae: object, *, sample: bool) -> float:
         encoded = vae.encode(picture[None])  # type: ignore[attr-defined]
         latents = encoded.latent_dist.mode() if sample else encoded.latents
     return float(latents.std())
+
+
+def build_tiny_ip_adapter(folder: Path, pipeline: Path, *, seed: int = 2) -> tuple[Path, Path]:
+    """A tiny IP-Adapter for the tiny pipeline: its weights file, laid out as the published
+    ones are (`image_proj.*` for the image projection, `ip_adapter.N.to_k_ip/to_v_ip.weight`
+    for the Nth cross-attention, N = 1, 3, 5, ...), and a tiny CLIP image encoder folder
+    (32 px input) with its preprocessor config. Returns (weights file, encoder folder)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = folder / "image_encoder"
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        )
+    ).save_pretrained(str(encoder))
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(str(encoder))
+
+    unet = UNet2DConditionModel.from_pretrained(str(pipeline / "unet"))
+    width = unet.config.cross_attention_dim
+    channels = list(unet.config.block_out_channels)
+    tokens = 4  # the plain IP-Adapter's image tokens
+    state = {
+        "image_proj.proj.weight": torch.randn(tokens * width, 16) * 4,
+        "image_proj.proj.bias": torch.zeros(tokens * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = channels[::-1][int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for part in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{key}.{part}.weight"] = torch.randn(hidden, width) * 2
+        key += 2
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "ip-adapter.safetensors"
+    save_file(state, str(weights))
+    return weights, encoder

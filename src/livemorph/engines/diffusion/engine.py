@@ -201,7 +201,9 @@ class Model:
             self._load_ip_adapter(options)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, tiny, pipe.image_encoder):
             if module is not None:
-                module.to(self.device).eval()
+                if module.device != self.device:
+                    module.to(self.device)
+                module.eval()
         self.unet: Any = pipe.unet
         self.vae: Any = tiny if tiny is not None else pipe.vae
         self.tiny_vae = tiny is not None
@@ -255,9 +257,15 @@ class Model:
                 local_files_only=True,
                 **cast(dict[str, Any], {_dtype_keyword("transformers"): self.dtype}),
             )
-            self.pipe.register_modules(
-                image_encoder=encoder, feature_extractor=CLIPImageProcessor()
+            # The encoder folder's own preprocessor config if it has one, else CLIP's
+            # (224 px), which the published IP-Adapters' ViT-H and ViT-bigG encoders use.
+            has_config = (options.image_encoder / "preprocessor_config.json").is_file()
+            processor = (
+                CLIPImageProcessor.from_pretrained(str(options.image_encoder))
+                if has_config
+                else CLIPImageProcessor()
             )
+            self.pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
             self.pipe.load_ip_adapter(
                 str(options.ip_adapter.parent),
                 subfolder="",
