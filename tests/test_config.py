@@ -14,7 +14,7 @@ import pytest
 from livemorph import cli, config
 from livemorph.config import Settings, options
 
-SECRETS = {"database_url", "admin_key", "enhancer_api_key"}
+SECRETS = {"database_url", "admin_key", "enhancer_api_key", "metrics_token"}
 
 
 @pytest.fixture(autouse=True)

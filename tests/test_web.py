@@ -124,7 +124,7 @@ def test_no_demo_leaves_only_the_sdk(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"), [(None, True), ("0", False), ("off", False), ("1", True), ("yes", True)]
+    ("env", "expected"), [(None, None), ("0", False), ("off", False), ("1", True), ("yes", True)]
 )
 def test_the_demo_switch_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, env: str | None, expected: bool
@@ -135,6 +135,8 @@ def test_the_demo_switch_from_the_environment(
         monkeypatch.setenv("LIVEMORPH_DEMO", env)
     assert Settings.from_env().demo is expected
     assert settings_from_args(build_parser().parse_args(["serve"])).demo is expected
+    # unset: on while the server listens on loopback only (tests/test_tls.py serves 0.0.0.0)
+    assert Settings.from_env().demo_on is (expected is not False)
 
 
 @pytest.mark.parametrize("env", [None, "1"])

@@ -9,6 +9,7 @@ setting cannot miss one of them nor have them disagree."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import types
 import typing
@@ -51,6 +52,31 @@ def plain_value(kind: type[Any], text: str, name: str) -> Any:
 def at_least_one(kind: type[Any], text: str, name: str) -> Any:
     """A count of workers: 0 or less still means one, as the variable always did."""
     return max(1, plain_value(kind, text, name))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on) is reachable from this machine only.
+
+    A name other than localhost is taken as reachable from elsewhere: what it resolves to
+    may change, and the safe mistake is to ask for an explicit --demo."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def one_of(*words: str) -> Parse:
+    """A parser that takes one of `words` (any case) and refuses the rest by name."""
+
+    def parse(kind: type[Any], text: str, name: str) -> str:
+        word = text.strip().lower()
+        if word not in words:
+            raise ValueError(f"{name} must be {' or '.join(words)}, not {text!r}")
+        return word
+
+    return parse
 
 
 def limit_value(kind: type[int] | type[float], text: str, name: str) -> int | float:
@@ -164,6 +190,14 @@ class Settings:
     log_level: str = field(
         default="info", metadata=about("debug, info, warning or error", metavar="LEVEL")
     )
+    log_format: str = field(
+        default="text",
+        metadata=about(
+            "text, or json: one JSON object a line, with the session id, key id and model",
+            parse=one_of("text", "json"),
+            metavar="FORMAT",
+        ),
+    )
     # media/jitter.py; bench/latency.py compares the two paths.
     fast_receive: bool = field(
         default=True,
@@ -172,10 +206,40 @@ class Settings:
             "--no-fast-receive restores aiortc's stock receive path"
         ),
     )
-    demo: bool = field(
-        default=True,
+    # None: on only while the server listens on a loopback address (server/web.py), since
+    # its token route mints tokens for anyone who can reach the server.
+    demo: bool | None = field(
+        default=None,
         metadata=about(
-            "the demo page at / and its token route (POST /demo/token); --no-demo for production"
+            "the demo page at / and its token route (POST /demo/token); --no-demo for production",
+            shown="on while listening on a loopback address only",
+        ),
+    )
+    metrics: bool = field(
+        default=True, metadata=about("Prometheus metrics at GET /metrics, on the same port")
+    )
+    metrics_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata=about(
+            "a bearer token /metrics asks for", metavar="TOKEN", shown="none: open to all"
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=about(
+            "serve HTTPS and WSS with this certificate (PEM); needs --tls-key", metavar="FILE"
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=about("the private key of --tls-cert (PEM)", metavar="FILE")
+    )
+    tls: str | None = field(
+        default=None,
+        metadata=about(
+            "self-signed: serve HTTPS with a certificate made once and kept in the data folder",
+            parse=one_of("self-signed"),
+            metavar="self-signed",
         ),
     )
     # The folder holds all-MiniLM-L6-v2's config.json, sentence_bert_config.json,
@@ -251,6 +315,11 @@ class Settings:
         metadata=limit("the largest WebSocket message; a larger one closes with 1009"),
     )
 
+    @property
+    def demo_on(self) -> bool:
+        """Whether the demo is served: as set, else only while listening on loopback."""
+        return self.demo if self.demo is not None else is_loopback(self.host)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The defaults, overridden by each `LIVEMORPH_*` variable set to some text.
@@ -305,6 +374,11 @@ class Option:
     def help(self) -> str:
         """The --help text: what it does, its variable and its default."""
         if self.switch:
+            if self.default is None:  # decided at start (Settings says how)
+                return (
+                    f"{self.about.help} (env {self.env}=0 turns it off, =1 on; "
+                    f"default: {self.about.shown})"
+                )
             word, state = ("0", "off") if self.default else ("1", "on")
             return f"{self.about.help} (env {self.env}={word} turns it {state})"
         where = f"env {self.env}"

@@ -5,7 +5,9 @@ server mints tokens itself (POST /demo/token) from a dedicated API key named "de
 creates on first use and keeps only hashed, like every key: tokens are minted for its id
 through the Store, so its plaintext is never needed. Revoking that key turns the demo's token
 minting off; `--no-demo` (LIVEMORPH_DEMO=0) removes the demo routes altogether, for
-production. The SDK is always served: it is how browsers talk to this server.
+production. Since the route mints tokens for anyone who can reach it, the demo is on by
+default only while the server listens on a loopback address; elsewhere it takes `--demo`,
+and the log warns that it is on. The SDK is always served: it is how browsers talk to this server.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from ..config import is_loopback
 from ..models import CATALOG
 from ..storage import Store
 from .limits import MemoryRateLimiter, retry_after
@@ -93,8 +96,20 @@ class Demo:
 def install(app: FastAPI, state: AppState) -> None:
     """Serve the SDK, and the demo unless the settings turn it off."""
     app.mount("/sdk", BrowserFiles(directory=SDK_DIR), name="sdk")
-    if not state.settings.demo:
+    settings = state.settings
+    if not settings.demo_on:
+        if settings.demo is None:
+            logger.info(
+                "the demo page is off: %s is not a loopback address (--demo turns it on)",
+                settings.host,
+            )
         return
+    if not is_loopback(settings.host):
+        logger.warning(
+            "the demo is on at %s, which is not a loopback address: POST /demo/token mints "
+            "client tokens for anyone who can reach this server (--no-demo turns it off)",
+            settings.host,
+        )
     app.state.demo = Demo()
     app.mount("/app", BrowserFiles(directory=APP_DIR), name="app")
     app.include_router(router)
