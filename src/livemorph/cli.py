@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import Option, Settings, options
+from .logs import configure as configure_logging
 from .logs import install_redaction
 from .storage import AmbiguousKey, KeyNotFound, Store
 
@@ -45,13 +46,12 @@ async def _ensure_first_key(settings: Settings) -> str | None:
 
 def _cmd_serve(settings: Settings) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from .server import GracefulServer, create_app
+    from .server.tls import TlsError, tls_files
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     if settings.log_level.lower() != "debug":  # storage.migrate logs what a migration did
         logging.getLogger("alembic").setLevel(logging.WARNING)
     _prepare_text_model(settings)
@@ -63,6 +63,18 @@ def _cmd_serve(settings: Settings) -> int:
             f"\n    {first_key}\n\n"
             "Make more with: livemorph keys create --name NAME",
             flush=True,
+        )
+    try:
+        tls = tls_files(settings)
+    except TlsError as exc:
+        print(f"livemorph: {exc}", file=sys.stderr)
+        return 2
+    if tls is not None:
+        made = "made a self-signed certificate" if tls.made else "serving HTTPS with"
+        # printed as well as logged: the person at the terminal compares it with the browser's
+        print(f"livemorph: {made} {tls.cert}, SHA-256 fingerprint {tls.fingerprint}", flush=True)
+        logging.getLogger(__name__).info(
+            "TLS certificate %s, SHA-256 fingerprint %s", tls.cert, tls.fingerprint
         )
     app = create_app(settings)
     try:  # a forced engine loads now: a missing extra or bad weights stop the start, said plainly
@@ -78,6 +90,10 @@ def _cmd_serve(settings: Settings) -> int:
         # A larger message closes its socket with 1009; 0 lifts the limit.
         # uvicorn annotates int, but hands the value to websockets, where None is no limit.
         ws_max_size=settings.max_message_bytes or None,  # type: ignore[arg-type]
+        ssl_certfile=tls.cert if tls else None,
+        ssl_keyfile=tls.key if tls else None,
+        # json: no config of uvicorn's own, so its loggers reach our JSON handler
+        log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
     )
     install_redaction()  # after uvicorn has set up its loggers and handlers
     GracefulServer(config, app.state.livemorph).run()

@@ -84,6 +84,13 @@ class EngineSession(ABC):
         """What the engine is rendering, in words: the enhanced prompt, if it makes one."""
         return None
 
+    @property
+    def network_size(self) -> tuple[int, int] | None:
+        """The size (width, height) its network runs at now, for an engine that scales it
+        to the machine (the neural engine); None for the rest. Read by the server's metrics
+        from the event loop, so it must be a plain read of something already kept."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-session resources."""
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..models import CATALOG
 from ..storage import ClientToken
 from .limits import retry_after
+from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
 from .state import AppState
 
 router = APIRouter()
@@ -129,10 +130,12 @@ async def create_client_token(
     state = _state(request)
     principal = await state.store.authenticate(x_api_key)
     if principal is None:
+        state.metrics.refused(INVALID_KEY_REASON)
         return error(401, "invalid api key")
     if principal.is_client_token:
         return error(403, "permission denied: a client token cannot mint tokens")
     if wait := await state.limits.token_mints.acquire(principal.key_id):
+        state.metrics.refused(RATE_LIMIT_REASON)
         seconds = retry_after(wait)
         message = f"rate limit: too many tokens minted for this key, retry in {seconds} s"
         return error(429, message, {"Retry-After": str(seconds)})

@@ -14,6 +14,7 @@ from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
 from ..storage.store import WallClock, utcnow
 from .limits import Clock, Limits
+from .metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class AppState:
     enhancer: Enhancer = field(default_factory=EngineEnhancer)
     meter: Meter = field(default_factory=Unmetered)
     limits: Limits = field(default_factory=lambda: Limits.from_settings(Settings()))
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def from_settings(
@@ -44,18 +46,22 @@ class AppState:
             else Store.in_data_dir(settings.data_dir, wall_clock)
         )
         moderator, enhancer = policy_from_settings(settings)
+        engines = EngineRegistry(settings.engine)
+        sessions = SessionRegistry(max_sessions=settings.max_sessions or None)
+        metrics = Metrics(sessions, engines)
         return cls(
             settings=settings,
             store=store,
-            engines=EngineRegistry(settings.engine),
-            sessions=SessionRegistry(max_sessions=settings.max_sessions or None),
+            engines=engines,
+            sessions=sessions,
             executor=ThreadPoolExecutor(
                 max_workers=settings.engine_threads, thread_name_prefix="engine"
             ),
             moderator=moderator,
             enhancer=enhancer,
-            meter=StoreMeter(store),
+            meter=StoreMeter(store, on_recorded=metrics.usage_recorded),
             limits=Limits.from_settings(settings, monotonic_clock),
+            metrics=metrics,
         )
 
     async def open(self) -> None:

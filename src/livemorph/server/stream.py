@@ -16,6 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from ..engines import ModelNotAvailable
+from ..logs import bind_session, unbind_session
 from ..models import UnknownModelError
 from ..policy import Policy
 from ..protocol import (
@@ -45,8 +46,15 @@ from ..protocol import (
 from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
-from ..sessions.session import InputRefused, Viewer
+from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
 from .limits import TOO_MANY_MESSAGES, MessageGate
+from .metrics import (
+    CREDITS_REASON,
+    INVALID_KEY_REASON,
+    MODERATION_REASON,
+    RATE_LIMIT_REASON,
+    Metrics,
+)
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -63,11 +71,19 @@ class Channel:
     """A WebSocket that sends protocol messages and never raises once the peer has gone.
 
     `gate` limits the rate of incoming messages: those over it are dropped unread.
+    `metrics` counts the messages by type, and the refusals told on this socket.
     """
 
-    def __init__(self, ws: WebSocket, gate: MessageGate | None = None) -> None:
+    def __init__(
+        self, ws: WebSocket, gate: MessageGate | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.ws = ws
         self.gate = gate
+        self.metrics = metrics
+
+    def refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(reason)
 
     async def send(self, message: ServerMessage) -> None:
         if self.ws.application_state is not WebSocketState.CONNECTED:
@@ -76,6 +92,29 @@ class Channel:
             await self.ws.send_text(serialise(message))
         except (WebSocketDisconnect, RuntimeError, OSError):
             logger.debug("dropped %s: websocket gone", message.type)
+            return
+        if self.metrics is not None:
+            self.metrics.message("out", message.type)
+
+    async def receive(
+        self, frame: str | bytes, accepted: Mapping[str, type[ClientMessage]] = CLIENT_MESSAGES
+    ) -> ClientMessage:
+        """The frame parsed (`ClientError` when it is not a message `accepted` here),
+        counted by its type: one that is not the protocol's counts as unknown."""
+        try:
+            message = await _parse(frame, accepted)
+        except UnknownMessage as exc:
+            self._count_in(exc.kind)
+            raise
+        except ClientError:
+            self._count_in("")
+            raise
+        self._count_in(message.type)
+        return message
+
+    def _count_in(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.message("in", kind)
 
     async def error(self, text: str) -> None:
         await self.send(Error(text))
@@ -99,6 +138,7 @@ class Channel:
             if self.gate is not None:
                 admitted, tell = self.gate.admit()
                 if not admitted:
+                    self.refused(RATE_LIMIT_REASON)
                     if tell:
                         await self.error(TOO_MANY_MESSAGES)
                     continue
@@ -130,10 +170,11 @@ def _reply_address(ws: WebSocket, state: AppState) -> tuple[str, int]:
 async def stream(ws: WebSocket) -> None:
     state = _state(ws)
     await ws.accept()
-    channel = Channel(ws, state.limits.message_gate())
+    channel = Channel(ws, state.limits.message_gate(), state.metrics)
     params = ws.query_params
     principal = await state.store.authenticate(params.get("api_key"))
     if principal is None:
+        channel.refused(INVALID_KEY_REASON)
         await channel.fatal("invalid api key")
         return
     model = params.get("model") or ""
@@ -151,14 +192,25 @@ async def stream(ws: WebSocket) -> None:
         await channel.fatal(f"permission denied: this token may not use model {model}")
         return
     if not await state.meter.admits(principal):
+        channel.refused(CREDITS_REASON)
         await channel.fatal(INSUFFICIENT_CREDITS)
         return
     if refused := await state.limits.refuse_session(principal.key_id, state.sessions):
         # Transient: clients retry. Nothing is awaited from here until the session is added.
-        logger.info("refused a session of key %s: %s", principal.key_id, refused)
+        logger.info(
+            "refused a session of key %s: %s",
+            principal.key_id,
+            refused,
+            extra={"key_id": principal.key_id, "model": model},
+        )
+        state.metrics.refused_by_limit(refused)
         await channel.fatal(refused, CLOSE_TRY_AGAIN_LATER)
         return
 
+    # What is logged from here on, by this task and what it starts (the pipeline, the
+    # engine's worker calls, the peer connection), carries the session's fields.
+    session_id = new_session_id()
+    log_binding = bind_session(session_id, principal.key_id, model)
     session = Session(
         spec,
         principal,
@@ -168,8 +220,11 @@ async def stream(ws: WebSocket) -> None:
         Policy(state.moderator, state.enhancer),
         fast_receive=state.settings.fast_receive,
         meter=state.meter,
+        timings=state.metrics.frame_timings(model),
+        session_id=session_id,
     )
     state.sessions.add(session)
+    state.metrics.session_started(model, state.engines.engine_name(model))
     ip, port = _reply_address(ws, state)
     logger.info("session %s started: model %s", session.id, model)
     try:
@@ -179,9 +234,11 @@ async def stream(ws: WebSocket) -> None:
     finally:
         await session.close(notify=False)
         state.sessions.remove(session)
+        state.metrics.session_ended(session)  # no await since the removal: counted once
         if session.end_reason == INSUFFICIENT_CREDITS_REASON:
             await channel.fatal(INSUFFICIENT_CREDITS)  # after generation_ended; closes 1008
         await channel.close()
+        unbind_session(log_binding)
 
 
 async def _until_either(
@@ -207,11 +264,11 @@ async def _until_either(
 async def _publisher_loop(channel: Channel, session: Session) -> None:
     async for frame in channel.messages():
         try:
-            message = await _parse(frame)
+            message = await channel.receive(frame)
             if isinstance(message, Prompt):
-                await channel.send(await _prompt(session, message))
+                await channel.send(await _prompt(channel, session, message))
             elif isinstance(message, SetImage):
-                await channel.send(await _set_image(session, message))
+                await channel.send(await _set_image(channel, session, message))
             elif isinstance(message, Offer):
                 await channel.send(Answer(await _answer(session.accept_offer, message.sdp)))
             else:
@@ -222,21 +279,25 @@ async def _publisher_loop(channel: Channel, session: Session) -> None:
             return  # it ended while an input waited: not a bug, and `stream` tells why
 
 
-async def _prompt(session: Session, message: Prompt) -> PromptAck:
+async def _prompt(channel: Channel, session: Session, message: Prompt) -> PromptAck:
     try:
         enhanced = await session.set_prompt(message.prompt, message.enhance_prompt)
     except InputRefused as exc:
+        if isinstance(exc, ModerationRefused):
+            channel.refused(MODERATION_REASON)
         return PromptAck(message.prompt, success=False, error=str(exc))
     return PromptAck(message.prompt, success=True, enhanced_prompt=enhanced)
 
 
-async def _set_image(session: Session, message: SetImage) -> SetImageAck:
+async def _set_image(channel: Channel, session: Session, message: SetImage) -> SetImageAck:
     try:
         if message.passthrough:
             await session.passthrough()
             return SetImageAck(success=True)
         enhanced = await session.set_image(message.image, message.prompt, message.enhance_prompt)
     except InputRefused as exc:
+        if isinstance(exc, ModerationRefused):
+            channel.refused(MODERATION_REASON)
         return SetImageAck(success=False, error=str(exc))
     return SetImageAck(success=True, enhanced_prompt=enhanced)
 
@@ -268,8 +329,9 @@ async def _add_candidate(
 async def subscribe(ws: WebSocket, session_id: str) -> None:
     state = _state(ws)
     await ws.accept()
-    channel = Channel(ws, state.limits.message_gate())
+    channel = Channel(ws, state.limits.message_gate(), state.metrics)
     if await state.store.authenticate(ws.query_params.get("api_key")) is None:
+        channel.refused(INVALID_KEY_REASON)
         await channel.fatal("invalid api key")
         return
     session = state.sessions.get(session_id)
@@ -288,7 +350,7 @@ async def _viewer_loop(channel: Channel, viewer: Viewer) -> None:
     async for frame in channel.messages():
         try:
             try:
-                message = await _parse(frame, VIEWER_MESSAGES)
+                message = await channel.receive(frame, VIEWER_MESSAGES)
             except UnknownMessage as exc:
                 if exc.kind in (Prompt.type, SetImage.type):
                     raise ClientError(VIEWER_CANNOT_STEER) from None

@@ -25,6 +25,7 @@ from ..config import is_loopback
 from ..models import CATALOG
 from ..storage import Store
 from .limits import MemoryRateLimiter, retry_after
+from .metrics import RATE_LIMIT_REASON
 from .rest import ErrorResponse, TokenResponse, error, token_body
 from .state import AppState
 
@@ -148,6 +149,7 @@ async def demo_token(request: Request) -> Any:
     demo: Demo = request.app.state.demo
     client = request.client.host if request.client else "unknown"
     if wait := await demo.limiter.acquire(client):
+        state.metrics.refused(RATE_LIMIT_REASON)
         seconds = retry_after(wait)
         message = f"too many demo tokens: try again in {seconds} s"
         return error(429, message, {"Retry-After": str(seconds)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..storage import Principal, Store
@@ -70,8 +71,13 @@ class StoreMeter:
     session ending: `end` waits for the one under way.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, on_recorded: Callable[[str, int, bool], None] | None = None
+    ) -> None:
+        """`on_recorded(model, seconds, metered)` hears each write that went through
+        (`metered`: the key has credits, so they were taken off them): the metrics."""
         self._store = store
+        self._on_recorded = on_recorded
         self._recorded: dict[str, int] = {}
         self._writes: dict[str, asyncio.Future[bool]] = {}
 
@@ -116,4 +122,6 @@ class StoreMeter:
             )
             return True
         self._recorded[session.id] = seconds
+        if self._on_recorded is not None and pending > 0:
+            self._on_recorded(session.spec.name, pending, left is not None)
         return left is None or left > 0

@@ -14,12 +14,15 @@ change is in effect for the next frame once `apply` returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fractions
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
@@ -29,8 +32,28 @@ from ..media.slot import LatestSlot, SlotClosed
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 VIDEO_CLOCK_RATE = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+
+
+def _ignore(seconds: float) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameTimings:
+    """Where the pipeline reports each frame's times (the server's metrics); by default
+    nowhere. Each is called on the event loop with seconds.
+
+    `engine`: how long `transform` took, timed in the worker thread around the call alone.
+    `latency`: from the decoded camera frame reaching the pipeline (`feed`) to its output
+    leaving `PipelineTrack.recv` for the encoder; decoding before and encoding after are
+    not in it, nor are frames that never got out."""
+
+    engine: Callable[[float], None] = _ignore
+    latency: Callable[[float], None] = _ignore
 
 
 class FramePacer:
@@ -59,21 +82,30 @@ class PipelineTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, outbox: LatestSlot[VideoFrame], on_first_frame: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        outbox: LatestSlot[tuple[VideoFrame, float]],
+        on_first_frame: Callable[[], None],
+        timings: FrameTimings | None = None,
+    ) -> None:
         super().__init__()
         self._outbox = outbox
         self._on_first_frame: Callable[[], None] | None = on_first_frame
         self._start: float | None = None
+        self._latency = (timings or FrameTimings()).latency
+        self.frames_sent = 0
 
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         try:
-            frame = await self._outbox.get()
+            frame, received = await self._outbox.get()
         except SlotClosed:
             self.stop()
             raise MediaStreamError from None
         now = time.monotonic()
+        self.frames_sent += 1
+        self._latency(now - received)
         if self._start is None:
             self._start = now
         frame.pts = int((now - self._start) * VIDEO_CLOCK_RATE)
@@ -92,15 +124,19 @@ class Pipeline:
         engine: EngineSession,
         executor: Executor,
         on_first_frame: Callable[[], None],
+        timings: FrameTimings | None = None,
     ) -> None:
         self.engine = engine
         self._executor = executor
         self._pacer = FramePacer(engine.spec.fps)
         self._frame: VideoFrame | None = None
+        #: When `_frame` reached the pipeline (monotonic seconds).
+        self._frame_at = 0.0
         self._controls: deque[tuple[Controls, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
-        self._outbox: LatestSlot[VideoFrame] = LatestSlot()
-        self.track = PipelineTrack(self._outbox, on_first_frame)
+        self._outbox: LatestSlot[tuple[VideoFrame, float]] = LatestSlot()
+        self._engine_time = (timings or FrameTimings()).engine
+        self.track = PipelineTrack(self._outbox, on_first_frame, timings)
         self._tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._run(), name="pipeline")]
         self.frames_in = 0
         self.frames_dropped = 0
@@ -119,6 +155,7 @@ class Pipeline:
         if self._frame is not None:
             self.frames_dropped += 1
         self._frame = frame
+        self._frame_at = time.monotonic()
         self._wake.set()
 
     def consume(self, track: MediaStreamTrack) -> None:
@@ -140,7 +177,7 @@ class Pipeline:
             while self._controls:
                 controls, done = self._controls.popleft()
                 try:
-                    await loop.run_in_executor(self._executor, self.engine.configure, controls)
+                    await self._in_worker(loop, self.engine.configure, controls)
                 except EngineUnavailable as exc:  # a known lack, said in full: no traceback
                     logger.error("engine cannot apply controls: %s", exc)
                     if not done.done():
@@ -155,17 +192,36 @@ class Pipeline:
             frame, self._frame = self._frame, None
             if frame is None:
                 continue
+            received = self._frame_at
             if not self._pacer.admit(loop.time()):
                 self.frames_dropped += 1
                 continue
             try:
-                output = await loop.run_in_executor(self._executor, self.engine.transform, frame)
+                output, seconds = await self._in_worker(loop, self._timed_transform, frame)
             except Exception:
                 logger.exception("engine failed on a frame; dropping it")
                 self.frames_dropped += 1
                 continue
             self.frames_out += 1
-            self._outbox.put(output)
+            self._engine_time(seconds)
+            self._outbox.put((output, received))
+
+    def _timed_transform(self, frame: VideoFrame) -> tuple[VideoFrame, float]:
+        started = time.perf_counter()
+        output = self.engine.transform(frame)
+        return output, time.perf_counter() - started
+
+    def _in_worker(
+        self, loop: asyncio.AbstractEventLoop, call: Callable[..., T], *args: Any
+    ) -> asyncio.Future[T]:
+        """`call(*args)` on a worker thread, in a copy of this task's context, so what the
+        engine logs there carries the session's log fields (logs.py)."""
+        return loop.run_in_executor(self._executor, contextvars.copy_context().run, call, *args)
+
+    @property
+    def frames_sent(self) -> int:
+        """Output frames handed on to the encoder."""
+        return self.track.frames_sent
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -17,6 +17,10 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def all(self) -> list[Session]:
+        """The sessions now, as a list: safe to keep while sessions come and go."""
+        return list(self._sessions.values())
+
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 

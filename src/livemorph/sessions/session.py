@@ -27,7 +27,7 @@ from ..policy import Expansion, Policy
 from ..protocol import Candidate, GenerationEnded, GenerationStarted, GenerationTick, ServerMessage
 from ..storage import Principal
 from .metering import INSUFFICIENT_CREDITS_REASON, Meter, Unmetered
-from .pipeline import Pipeline, SessionClosedError
+from .pipeline import FrameTimings, Pipeline, SessionClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,21 @@ class InputRefused(Exception):
     session goes on as it was."""
 
 
+class ModerationRefused(InputRefused):
+    """An input the policy (moderation) refused, as opposed to one the engine could not
+    take: told apart for the server's metrics."""
+
+
 class SessionEnded(Exception):
     """The session is over; `reason` is what `generation_ended` said."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(12)
 
 
 def new_peer_connection() -> RTCPeerConnection:
@@ -77,8 +86,10 @@ class Session:
         *,
         fast_receive: bool = True,
         meter: Meter | None = None,
+        timings: FrameTimings | None = None,
+        session_id: str | None = None,
     ) -> None:
-        self.id = secrets.token_urlsafe(12)
+        self.id = session_id or new_session_id()
         self.meter: Meter = meter or Unmetered()
         self.policy = policy
         self.fast_receive = fast_receive
@@ -86,7 +97,9 @@ class Session:
         self.principal = principal
         self._send = send
         self.controls = Controls()
-        self.pipeline = Pipeline(engine, executor, on_first_frame=self._on_first_frame)
+        self.pipeline = Pipeline(
+            engine, executor, on_first_frame=self._on_first_frame, timings=timings
+        )
         self.relay = MediaRelay()
         self.audio: MediaStreamTrack | None = None
         self.pc: RTCPeerConnection | None = None
@@ -107,7 +120,7 @@ class Session:
         enhance = True if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt)) is not None:
             logger.info("session %s: %s", self.id, refused)
-            raise InputRefused(refused)
+            raise ModerationRefused(refused)
         expansion = await self.policy.expand(prompt, enhance)
         await self.apply(Controls(expansion.prompt, enhance, self.controls.image))
         return self._enhanced(expansion)
@@ -122,7 +135,7 @@ class Session:
         enhance = self.controls.enhance if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt, image=image)) is not None:
             logger.info("session %s: %s", self.id, refused)
-            raise InputRefused(refused)
+            raise ModerationRefused(refused)
         rgb = None
         if image is not None:
             try:

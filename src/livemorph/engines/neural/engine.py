@@ -357,6 +357,11 @@ class NeuralSession(EngineSession):
             return None
         return self.look.description
 
+    @property
+    def network_size(self) -> Size:
+        """The size the scaler chose last (`_resize` sets it)."""
+        return self.size
+
     def configure(self, controls: Controls) -> None:
         self.engine.lower_priority()
         self.stabiliser.reset()  # the next frame shows the new look alone, whatever it is
