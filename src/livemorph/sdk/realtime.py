@@ -15,12 +15,15 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Required, TypedDict, overload
 from urllib.parse import quote, urlencode
 
 from aiortc import MediaStreamTrack, RTCIceServer
+from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from .._version import __version__
@@ -37,6 +40,7 @@ from ..protocol import (
 )
 from .audio import AudioInput, ClipAudioTrack, decode_audio
 from .images import ImageInput, image_bytes
+from .recording import Recording
 from .signaling import (
     IMAGE_TIMEOUT,
     PROMPT_TIMEOUT,
@@ -220,6 +224,11 @@ class _LiveConnection:
         self._audio_track: MediaStreamTrack | None = None
         self._owned_tracks: list[MediaStreamTrack] = []
         self._on_close: Callable[[_LiveConnection], None] | None = None
+        # Each remote track is handed out through a relay, so a recording reads its own copy
+        # and the caller's `video_track` still gets every frame (sdk/recording.py).
+        self._relay = MediaRelay()
+        self._remote: dict[str, MediaStreamTrack] = {}
+        self._recording: Recording | None = None
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -235,6 +244,49 @@ class _LiveConnection:
     @property
     def audio_track(self) -> MediaStreamTrack | None:
         return self._audio_track
+
+    async def record(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Record what this connection receives into `path` (aiortc's `MediaRecorder`): the
+        video, and the audio when some is received now. The container follows the file's
+        name (`.mp4`: H.264 and AAC; `.webm`: VP8 and Opus; `.mkv`...) unless `format`
+        names one. A reconnect's new tracks go on into the same file. `stop_recording()`,
+        or `disconnect()`, finishes it; until then the file is not playable."""
+        if self._recording is not None:
+            raise LivemorphError(
+                f"already recording to {self._recording.path}", ErrorCode.INVALID_INPUT
+            )
+        if "video" not in self._remote or self._closing:
+            raise LivemorphError(
+                f"nothing to record: not connected (state: {self._state})",
+                ErrorCode.WEB_RTC_ERROR,
+            )
+        sources = {kind: self._relay.subscribe(track) for kind, track in self._remote.items()}
+        try:
+            recording = Recording(path, sources, format=format, options=options)
+        except Exception as exc:
+            for source in sources.values():
+                source.stop()
+            raise LivemorphError(
+                f"cannot record to {path}: {exc}", ErrorCode.INVALID_INPUT
+            ) from None
+        self._recording = recording
+        await recording.start()
+
+    async def stop_recording(self) -> Path | None:
+        """Finish the recording `record()` started; its path (None when none was running)."""
+        recording, self._recording = self._recording, None
+        return None if recording is None else await recording.stop()
+
+    @property
+    def recording(self) -> Path | None:
+        """The file being recorded into, or None."""
+        return None if self._recording is None else self._recording.path
 
     @property
     def signaling(self) -> Signaling | None:
@@ -277,8 +329,10 @@ class _LiveConnection:
             self._listeners_for(event).remove(callback)
 
     async def disconnect(self) -> None:
-        """End the session: close the peer connection and WebSocket, stop every task."""
+        """End the session: close the peer connection and WebSocket, stop every task; a
+        recording is finished first."""
         self._closing = True
+        await self.stop_recording()
         self._buffer = None
         task = self._supervisor
         if task is not None and task is not asyncio.current_task() and not task.done():
@@ -420,12 +474,16 @@ class _LiveConnection:
             return  # a stale attempt, or we are shutting down
         match event:
             case MediaStreamTrack():
+                self._remote[event.kind] = event
+                track = self._relay.subscribe(event)
                 if event.kind == "video":
-                    self._video_track = event
+                    self._video_track = track
                 else:
-                    self._audio_track = event
+                    self._audio_track = track
+                if self._recording is not None:
+                    self._recording.follow(event.kind, self._relay.subscribe(event))
                 if self._on_remote_stream is not None:
-                    _call(self._on_remote_stream, event, self._callback_tasks)
+                    _call(self._on_remote_stream, track, self._callback_tasks)
             case SubscribeTarget():
                 self._on_session(event)
             case GenerationTick():
