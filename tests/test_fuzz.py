@@ -46,6 +46,7 @@ from livemorph.server.limits import TOO_MANY_MESSAGES, TokenBucket
 from livemorph.storage import Store
 from livemorph.testing import LiveServer, serve
 from tests.media import FrameSink, SceneTrack
+from tests.support import eventually
 
 T = TypeVar("T")
 
@@ -788,6 +789,7 @@ async def _after_close(env: Fuzz) -> None:
 
 async def _state_is_consistent(env: Fuzz) -> None:
     """Keys still authenticate and mint; the streaming session's seconds were recorded."""
+    await eventually(lambda: bool(env.ticks))  # its first second, however early this runs
     async with httpx.AsyncClient(base_url=env.server.base_url) as http:
         assert (await http.get("/healthz")).json()["status"] == "ok"
         minted = await http.post("/v1/client/tokens", headers={"X-API-KEY": env.server.api_key})
