@@ -19,18 +19,6 @@ from .logs import install_redaction
 from .storage import AmbiguousKey, KeyNotFound, Store
 
 DEV_KEY_NAME = "development"
-#: The serve settings `transform` takes too: the engine, and how prompts are read.
-TRANSFORM_SETTINGS = (
-    "engine",
-    "text_model",
-    "moderation_blocklist",
-    "moderation_url",
-    "moderation_timeout",
-    "enhancer_url",
-    "enhancer_model",
-    "enhancer_api_key",
-    "enhancer_timeout",
-)
 
 
 @asynccontextmanager
@@ -64,6 +52,18 @@ def _cmd_serve(settings: Settings) -> int:
     from .server.tls import TlsError, tls_files
 
     configure_logging(settings.log_level, settings.log_format)
+    try:  # before anything is made or started: bad TLS settings stop it in one line
+        tls = tls_files(settings)
+    except TlsError as exc:
+        print(f"livemorph: {exc}", file=sys.stderr)
+        return 2
+    if tls is not None:
+        made = "made a self-signed certificate" if tls.made else "serving HTTPS with"
+        # printed as well as logged: the person at the terminal compares it with the browser's
+        print(f"livemorph: {made} {tls.cert}, SHA-256 fingerprint {tls.fingerprint}", flush=True)
+        logging.getLogger(__name__).info(
+            "TLS certificate %s, SHA-256 fingerprint %s", tls.cert, tls.fingerprint
+        )
     if settings.log_level.lower() != "debug":  # storage.migrate logs what a migration did
         logging.getLogger("alembic").setLevel(logging.WARNING)
     _prepare_text_model(settings)
@@ -75,18 +75,6 @@ def _cmd_serve(settings: Settings) -> int:
             f"\n    {first_key}\n\n"
             "Make more with: livemorph keys create --name NAME",
             flush=True,
-        )
-    try:
-        tls = tls_files(settings)
-    except TlsError as exc:
-        print(f"livemorph: {exc}", file=sys.stderr)
-        return 2
-    if tls is not None:
-        made = "made a self-signed certificate" if tls.made else "serving HTTPS with"
-        # printed as well as logged: the person at the terminal compares it with the browser's
-        print(f"livemorph: {made} {tls.cert}, SHA-256 fingerprint {tls.fingerprint}", flush=True)
-        logging.getLogger(__name__).info(
-            "TLS certificate %s, SHA-256 fingerprint %s", tls.cert, tls.fingerprint
         )
     app = create_app(settings)
     try:  # a forced engine loads now: a missing extra or bad weights stop the start, said plainly
@@ -253,17 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
         "cached; env LIVEMORPH_CACHE_DIR) and print their folder",
     )
 
-    from .transform import add_arguments as transform_arguments
-
-    transform = commands.add_parser(
-        "transform",
-        help="run a video file through a model's engine (or a server's), sound kept",
-        description="Run a video file through the engine a session of MODEL would use, as "
-        "fast as the machine allows, or with --server through a running server in real time.",
-    )
-    transform_arguments(transform)
-    setting_flags(transform, TRANSFORM_SETTINGS)
-
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="mint a permanent API key")
@@ -362,10 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _cmd_serve(settings)
-    if args.command == "transform":
-        from .transform import run as transform
-
-        return transform(args, settings)
     if args.command == "models" and args.models_command == "fetch":
         return _cmd_models_fetch()
     if args.command == "keys" and args.keys_command == "create":

@@ -6,8 +6,10 @@ with serve(data_dir, "--engine", "passthrough") as server:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,13 +28,16 @@ class LiveServer:
     api_key: str
     data_dir: Path
     process: subprocess.Popen[str]
+    #: What an https:// server's certificate is checked against (None: plain http).
+    ssl: ssl.SSLContext | None = None
 
     @property
     def log(self) -> str:
         return (self.data_dir / "server.log").read_text()
 
     def active_sessions(self) -> int:
-        return int(httpx.get(f"{self.base_url}/healthz").json()["active_sessions"])
+        response = httpx.get(f"{self.base_url}/healthz", verify=self.ssl or True)
+        return int(response.json()["active_sessions"])
 
     def wait_sessions(self, count: int, timeout: float = 10.0) -> int:
         """Poll until `count` sessions run here (or `timeout` passes); the last count seen."""
@@ -61,9 +66,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 def start_server(
-    data_dir: Path, *flags: str, port: int | None = None, env: dict[str, str] | None = None
+    data_dir: Path,
+    *flags: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    https: Path | None = None,
 ) -> LiveServer:
-    """Mint a key, start `livemorph serve` on a free port, return once /healthz answers."""
+    """Mint a key, start `livemorph serve` on a free port, return once /healthz answers.
+
+    `https`: the server serves HTTPS (its flags say how) with this certificate, which may
+    not exist until the server has made it (`--tls self-signed`); it is trusted alone."""
     data_dir.mkdir(parents=True, exist_ok=True)
     # Same env as the server, so a LIVEMORPH_DATABASE_URL there puts the key in that database.
     output = run_cli("keys", "create", "--data-dir", str(data_dir), "--name", "testing", env=env)
@@ -87,15 +99,26 @@ def start_server(
             text=True,
             env={**os.environ, **(env or {})},
         )
+    scheme = "https" if https else "http"
     server = LiveServer(
-        f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", api_key, data_dir, process
+        f"{scheme}://127.0.0.1:{port}",
+        f"{'wss' if https else 'ws'}://127.0.0.1:{port}",
+        api_key,
+        data_dir,
+        process,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"livemorph serve exited:\n{server.log}")
+        if https is not None and server.ssl is None:
+            if not https.is_file():
+                time.sleep(0.1)
+                continue
+            server = dataclasses.replace(server, ssl=ssl.create_default_context(cafile=https))
         try:
-            if httpx.get(f"{server.base_url}/healthz", timeout=1).status_code == 200:
+            health = httpx.get(f"{server.base_url}/healthz", timeout=1, verify=server.ssl or True)
+            if health.status_code == 200:
                 return server
         except httpx.HTTPError:
             time.sleep(0.1)

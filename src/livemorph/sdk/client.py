@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -103,6 +104,7 @@ class Client:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
+        ssl: SSLContext | None = None,
     ) -> None:
         if not api_key or not api_key.strip():
             raise LivemorphError(
@@ -111,8 +113,13 @@ class Client:
         self._api_key = api_key.strip()
         self.base_url = validate_base_url(base_url)
         self.ws_base_url = "ws" + self.base_url[len("http") :]
+        #: What https:// and wss:// trust (None: the system's certificates).
+        self.ssl = ssl
         self._http = httpx.AsyncClient(
-            transport=transport, timeout=timeout, headers={"User-Agent": USER_AGENT}
+            transport=transport,
+            timeout=timeout,
+            headers={"User-Agent": USER_AGENT},
+            verify=ssl if ssl is not None else True,
         )
         self._sessions: set[_LiveConnection] = set()
         self.tokens = TokensClient(self)
@@ -184,11 +191,14 @@ def create_client(
     base_url: str | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    ssl: SSLContext | None = None,
 ) -> Client:
     """A client for the server at `base_url` (else `LIVEMORPH_BASE_URL`, else local :8000).
 
     The key comes from `api_key`, else `LIVEMORPH_API_KEY`; it may be a permanent key or a
-    client token.
+    client token. `ssl` is what an https:// server's certificate is checked against, for
+    its REST calls and its WebSockets alike: for a server on `--tls self-signed`,
+    `ssl.create_default_context(cafile="cert.pem")` with the certificate it made.
     """
     key = api_key or os.environ.get(API_KEY_ENV, "").strip()
     if not key:
@@ -196,4 +206,4 @@ def create_client(
             f"missing API key: pass api_key or set {API_KEY_ENV}", ErrorCode.INVALID_API_KEY
         )
     url = base_url or os.environ.get(BASE_URL_ENV, "").strip() or DEFAULT_BASE_URL
-    return Client(key, url, transport=transport)
+    return Client(key, url, transport=transport, ssl=ssl)

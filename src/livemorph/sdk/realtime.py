@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Required, TypedDict, overload
 from urllib.parse import quote, urlencode
 
@@ -200,9 +201,11 @@ class _LiveConnection:
         retry: RetryPolicy,
         connect_timeout: float,
         fast_receive: bool = True,
+        ssl: SSLContext | None = None,
     ) -> None:
         self._url = url
         self._fast_receive = fast_receive
+        self._ssl = ssl
         self._on_remote_stream = on_remote_stream
         self._send = list(send)
         self._receive = tuple(receive)
@@ -440,6 +443,7 @@ class _LiveConnection:
             ice_servers=self._ice_servers,
             customize_offer=self._customize_offer,
             fast_receive=self._fast_receive,
+            ssl=self._ssl,
         )
         self._signaling = signaling
         self._ended_by_server = None
@@ -806,6 +810,7 @@ class RealtimeAPI:
             retry=retry or RetryPolicy(),
             connect_timeout=connect_timeout,
             fast_receive=fast_receive,
+            ssl=self._client.ssl,
         )
         session._owned_tracks = owned
         await self._start(session)
@@ -841,6 +846,7 @@ class RealtimeAPI:
             retry=retry or RetryPolicy(),
             connect_timeout=connect_timeout,
             fast_receive=fast_receive,
+            ssl=self._client.ssl,
         )
         await self._start(viewer)
         return viewer

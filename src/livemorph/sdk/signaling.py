@@ -15,7 +15,8 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from ssl import SSLContext
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from aiortc import (
@@ -131,8 +132,10 @@ class Signaling:
         customize_offer: OfferHook | None = None,
         open_timeout: float = 10.0,
         fast_receive: bool = True,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.url = url
+        self._ssl = ssl
         self._fast_receive = fast_receive
         self.state: ConnectionState = "connecting"
         self.pc: RTCPeerConnection | None = None
@@ -182,6 +185,9 @@ class Signaling:
                 open_timeout=self._open_timeout,
                 close_timeout=2.0,
                 proxy=None,
+                # given for wss:// only: websockets refuses a context for ws://, and None
+                # for wss://; True there is the system's trust
+                **_tls(self.url, self._ssl),
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -506,6 +512,14 @@ class Signaling:
             self._on_event(event)
         except Exception:
             logger.exception("error in signaling %s handler", type(event).__name__)
+
+
+def _tls(url: str, context: SSLContext | None) -> dict[str, Any]:
+    """websockets' `ssl` argument for `url`: `context` (or True, the system's trust) for
+    wss://, nothing for ws://."""
+    if not url.startswith("wss:"):
+        return {}
+    return {"ssl": context if context is not None else True}
 
 
 def _settle(future: asyncio.Future[None] | None) -> None:
