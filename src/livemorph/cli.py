@@ -19,6 +19,18 @@ from .logs import install_redaction
 from .storage import AmbiguousKey, KeyNotFound, Store
 
 DEV_KEY_NAME = "development"
+#: The serve settings `transform` takes too: the engine, and how prompts are read.
+TRANSFORM_SETTINGS = (
+    "engine",
+    "text_model",
+    "moderation_blocklist",
+    "moderation_url",
+    "moderation_timeout",
+    "enhancer_url",
+    "enhancer_model",
+    "enhancer_api_key",
+    "enhancer_timeout",
+)
 
 
 @asynccontextmanager
@@ -241,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
         "cached; env LIVEMORPH_CACHE_DIR) and print their folder",
     )
 
+    from .transform import add_arguments as transform_arguments
+
+    transform = commands.add_parser(
+        "transform",
+        help="run a video file through a model's engine (or a server's), sound kept",
+        description="Run a video file through the engine a session of MODEL would use, as "
+        "fast as the machine allows, or with --server through a running server in real time.",
+    )
+    transform_arguments(transform)
+    setting_flags(transform, TRANSFORM_SETTINGS)
+
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="mint a permanent API key")
@@ -339,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _cmd_serve(settings)
+    if args.command == "transform":
+        from .transform import run as transform
+
+        return transform(args, settings)
     if args.command == "models" and args.models_command == "fetch":
         return _cmd_models_fetch()
     if args.command == "keys" and args.keys_command == "create":
