@@ -31,6 +31,8 @@ const ui = {
   start: $("start"),
   share: $("share"),
   shareLink: $("share-link"),
+  record: $("record"),
+  recordingLink: $("recording-link"),
   form: $("prompt-form"),
   prompt: $("prompt"),
   enhance: $("enhance"),
@@ -65,6 +67,9 @@ const bundled = (button) => new URL(button.dataset.portrait, location.href).href
 let portrait = bundled(ui.portraits[0]); // a bundled portrait's URL, or a File
 let portraitUrl = null; // the object URL that shows an uploaded portrait
 let speaking = false; // avatar mode: the microphone (true) or audio files (false)
+let recorder = null; // the browser's MediaRecorder on the output, while Record runs
+let recording = null; // the last recording, a Blob, and the bytes recorded so far
+let recorded = 0;
 
 function model() {
   return catalog.get(ui.model.value);
@@ -153,7 +158,9 @@ function playWithSound() {
 function setRunning(running) {
   ui.start.textContent = running ? "Stop" : "Start";
   ui.share.disabled = !running;
+  ui.record.disabled = !running;
   if (!running) {
+    stopRecording();
     ui.shareLink.parentElement.hidden = true;
     ui.output.srcObject = null;
     ui.outputSize.textContent = "";
@@ -322,6 +329,52 @@ async function applyImage(file) {
   ui.preview.src = image ? URL.createObjectURL(image) : "";
 }
 
+/** The output's MIME type the browser records best: WebM (VP8/VP9), else what it offers. */
+function recordingType() {
+  const wanted = ["video/webm;codecs=vp8,opus", "video/webm", "video/mp4"];
+  return wanted.find((type) => MediaRecorder.isTypeSupported(type)) ?? "";
+}
+
+/** Record the output as it plays, with the browser's MediaRecorder; a second click (or
+ * Stop, or a reconnect, which ends the recorded tracks) saves it behind a download link. */
+function startRecording() {
+  const stream = ui.output.srcObject;
+  if (!stream || typeof MediaRecorder === "undefined") {
+    showError(new Error("Nothing to record yet, or this browser cannot record."));
+    return;
+  }
+  const chunks = [];
+  recorded = 0;
+  recorder = new MediaRecorder(stream, { mimeType: recordingType() });
+  recorder.addEventListener("dataavailable", (event) => {
+    if (!event.data.size) return;
+    chunks.push(event.data);
+    recorded += event.data.size;
+    ui.record.textContent = "Stop recording";
+    ui.record.title = `${Math.round(recorded / 1024)} KB so far`;
+  });
+  recorder.addEventListener("stop", () => {
+    recorder = null;
+    ui.record.textContent = "Record";
+    ui.record.title = "";
+    if (!recorded) return;
+    recording = new Blob(chunks, { type: chunks[0].type || "video/webm" });
+    const extension = recording.type.includes("mp4") ? "mp4" : "webm";
+    if (ui.recordingLink.href) URL.revokeObjectURL(ui.recordingLink.href);
+    ui.recordingLink.href = URL.createObjectURL(recording);
+    ui.recordingLink.download = `livemorph-${new Date().toISOString().replace(/[:.]/g, "-")}.${extension}`;
+    ui.recordingLink.textContent = `Save the recording (${Math.round(recording.size / 1024)} KB)`;
+    ui.recordingLink.hidden = false;
+    ui.recordingLink.parentElement.hidden = false;
+  });
+  recorder.start(1000); // hands over data every second, so a long take is not held twice
+  ui.record.textContent = "Stop recording";
+}
+
+function stopRecording() {
+  if (recorder && recorder.state !== "inactive") recorder.stop();
+}
+
 function share() {
   const token = session?.subscribeToken;
   if (!token) {
@@ -343,6 +396,7 @@ function wire() {
   ui.start.addEventListener("click", () => (session || camera ? stop() : start()));
   ui.model.addEventListener("change", () => start());
   ui.share.addEventListener("click", share);
+  ui.record.addEventListener("click", () => (recorder ? stopRecording() : startRecording()));
   ui.image.addEventListener("change", () => {
     const [file] = ui.image.files;
     ui.image.value = "";
@@ -378,6 +432,12 @@ function wire() {
 window.livemorphDemo = {
   get session() {
     return session;
+  },
+  get recording() {
+    return recording;
+  },
+  get recorded() {
+    return recorded;
   },
 };
 
