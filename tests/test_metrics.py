@@ -4,6 +4,8 @@ bearer-token guard, and a registry per app."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,3 +228,26 @@ def test_message_types_are_the_protocols_own() -> None:
         "prompt",
         "unknown",
     }
+
+
+def test_the_dashboard_shows_only_metrics_the_server_has() -> None:
+    """docs/grafana-dashboard.json queries names that /metrics gives, and shows each one."""
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "docs/grafana-dashboard.json").read_text()
+    )
+    queried = set(re.findall(r"\b((?:livemorph|process)_[a-z_]+)", json.dumps(dashboard)))
+    families = {
+        family.name: family.type
+        for family in text_string_to_metric_families(Metrics(registry_of([])).exposition().decode())
+    }
+    suffixes = ("_total", "_bucket", "_count", "_sum")
+    for name in queried:
+        base = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+        assert name in families or base in families, f"the dashboard asks for {name}"
+    shown = {next((n[: -len(s)] for s in suffixes if n.endswith(s)), n) for n in queried}
+    missing = {name for name in families if name.startswith("livemorph_")} - shown
+    assert not missing, f"the dashboard does not show {missing}"
+
+
+def registry_of(sessions: list[Any]) -> Any:
+    return SimpleNamespace(all=lambda: list(sessions))

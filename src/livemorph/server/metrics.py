@@ -28,12 +28,15 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._version import __version__
 from ..protocol import CLIENT_MESSAGES, SERVER_MESSAGES
 from ..sessions.pipeline import FrameTimings
 from .limits import AT_CAPACITY, TOO_MANY_MESSAGES, TOO_MANY_NEW_SESSIONS, TOO_MANY_SESSIONS
@@ -125,6 +128,12 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        info = Gauge(
+            f"{PREFIX}_info", "Always 1: the server's version, by label", ["version"], registry=reg
+        )
+        info.labels(__version__).set(1)
+        # the process's CPU, memory and open files (Linux), as every Prometheus client has
+        ProcessCollector(registry=reg)
         self._live = _LiveSessions(sessions, engines)
         if sessions is not None:
             reg.register(self._live)
