@@ -12,6 +12,7 @@ of the peer connection's own, checked against the fingerprint in the SDP.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -123,10 +124,15 @@ def _still_good(cert: Path) -> bool:
 
 def _names(host: str) -> list[str]:
     """Names and addresses the certificate is for: localhost, this machine's name, the
-    loopback addresses and the listening address (unless it is a wildcard)."""
-    names = ["localhost", socket.gethostname(), "127.0.0.1", "::1"]
+    loopback addresses and the listening address, or for a wildcard the addresses the
+    machine's name resolves to."""
+    machine = socket.gethostname()
+    names = ["localhost", machine, "127.0.0.1", "::1"]
     if host and host not in ("0.0.0.0", "::", ""):
         names.append(host.strip("[]"))
+    else:  # a wildcard: the addresses the machine's name resolves to (hosts file first)
+        with contextlib.suppress(OSError):
+            names.extend(socket.gethostbyname_ex(machine)[2])
     seen: list[str] = []
     for name in names:
         if name and name not in seen:
