@@ -204,6 +204,8 @@ def test_the_neural_engine_restyles_a_clip(tmp_path: Path, capsys) -> None:
         "negative time",
         "two prompts at once",
         "bad output suffix",
+        "unknown engine",
+        "refused prompt",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case: str, clip: Path, tmp_path: Path, capsys) -> None:
@@ -244,6 +246,10 @@ def test_bad_input_is_one_line_and_exit_2(case: str, clip: Path, tmp_path: Path,
             args[5] = "anime@-1"
         case "two prompts at once":
             args += ["--prompt", "ink@0"]
+        case "refused prompt":
+            args += ["--prompt", "gory horror@1"]  # the policy's, as in a session
+        case "unknown engine":
+            args[7] = "warp"
         case "bad output suffix":
             out = tmp_path / "out.gif"
             args[1] = out

@@ -50,6 +50,7 @@ from av.audio.stream import AudioStream
 from av.video.stream import VideoStream
 
 from .config import Settings
+from .engines import EngineRegistry
 from .media.frames import fit_frame
 from .models import AVATAR, CATALOG, ModelSpec
 
@@ -511,8 +512,9 @@ class _Stages:
             with contextlib.suppress(queue.Empty):
                 while True:
                     box.get_nowait()
-        self._reader.join(timeout=10)
-        self._writer.join(timeout=10)
+        for thread in (self._reader, self._writer):
+            if thread.ident is not None:  # started
+                thread.join(timeout=10)
         with contextlib.suppress(queue.Full):
             self.inbox.put_nowait(None)  # wakes a `next` still waiting
 
@@ -527,33 +529,24 @@ class Result:
     duration: float | None
 
 
-def _engine_override(settings: Settings) -> str | None:
-    """The engine to force: `--engine`, if given. The neural engine's network size follows
-    the machine's spare CPU in a session (scaler.py), and a transform that keeps the CPU
-    busy on purpose would drive it to the smallest size, changing the look mid-clip; unless
-    a size is given, it stays at the size a session starts at."""
+def _registry(settings: Settings, model: str) -> EngineRegistry:
+    """The registry a server with these settings would have, but for one thing: in a
+    session the neural engine's network size follows the machine's spare CPU (scaler.py),
+    and a transform keeps the CPU busy on purpose, which would drive it down to the
+    smallest size and change the look mid-clip. Unless a size is given, the neural engine
+    keeps the size a session starts at."""
     from .engines.neural.scaler import LADDER, START
-
-    engine = settings.engine
-    pinned = f"size={LADDER[START][0]}x{LADDER[START][1]}"
-    if engine is None:
-        return None  # each model's own: see `_pinned_registry`
-    name, _, options = engine.partition(":")
-    if name == "neural" and "size=" not in options:
-        return f"neural:{options + ',' if options else ''}{pinned}"
-    return engine
-
-
-def _registry(settings: Settings, model: str) -> Any:
-    """The session's engine registry, with the neural engine pinned (`_engine_override`)."""
-    from .engines import EngineRegistry
     from .engines.registry import DEFAULT_ENGINES
 
-    override = _engine_override(settings)
-    if override is None and DEFAULT_ENGINES.get(model) == "neural":
-        override = _engine_override(dataclasses.replace(settings, engine="neural"))
+    engine = settings.engine
+    if engine is None and DEFAULT_ENGINES.get(model) == "neural":
+        engine = "neural"
+    name, _, options = (engine or "").partition(":")
+    if name == "neural" and "size=" not in options:
+        width, height = LADDER[START]
+        engine = f"neural:{options + ',' if options else ''}size={width}x{height}"
     try:
-        return EngineRegistry(override)
+        return EngineRegistry(engine)
     except ValueError as exc:
         raise TransformError(str(exc)) from None
 
@@ -573,6 +566,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
 
     weights.use_folder(settings.text_model)
     model = restyle_model(job.model)
+    registry = _registry(settings, job.model)
     source = Source.open(job.input)
     try:
         output = Output.create(job.output)
@@ -581,8 +575,12 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
         raise
     width, height = source.output_size(job.size)
     progress.total = source.frames
-    registry = _registry(settings, job.model)
-    moderator, enhancer = policy_from_settings(settings)
+    try:
+        moderator, enhancer = policy_from_settings(settings)
+    except BaseException:
+        output.abort()
+        source.close()
+        raise
     policy = Policy(moderator, enhancer)
     stages = _Stages(source, output)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -596,7 +594,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
             raise TransformError(f"the engine cannot start: {exc}") from None
         for prompt in job.prompts:  # all of them now, not minutes into the clip
             if (refused := await policy.refusal(prompt=prompt.text)) is not None:
-                raise TransformError(f"prompt {prompt.text!r} refused: {refused}")
+                raise TransformError(f"--prompt {prompt.text!r}: {refused}")
         image = None
         if job.image is not None:
             from .errors import LivemorphError
@@ -618,7 +616,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
                     first = pending.pop(0) if pending and pending[0].at == 0 else None
                     await session.set_image(image, first.text if first else None, job.enhance)
             except InputRefused as exc:
-                raise TransformError(f"--image refused: {exc}") from None
+                raise TransformError(f"--image: {exc}") from None
             output.add_video(width, height, source.rate, source.video.time_base)
             if source.audio is not None:
                 output.add_audio(source.audio)
@@ -642,7 +640,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
                     try:
                         await session.set_prompt(prompt.text, job.enhance)
                     except InputRefused as exc:
-                        raise TransformError(f"prompt {prompt.text!r} refused: {exc}") from None
+                        raise TransformError(f"--prompt {prompt.text!r}: {exc}") from None
                 # engine calls never overlap: `set_prompt` returned once configure ran
                 out = await loop.run_in_executor(executor, transform, frame)
                 await stages.write(("video", (out, pts, time_base)))
@@ -866,7 +864,7 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
                     try:
                         await task
                     except LivemorphError as exc:
-                        raise TransformError(f"prompt refused: {exc.message}") from None
+                        raise TransformError(f"--prompt: {exc.message}") from None
             finally:
                 await rt.disconnect()
                 await received.close()
