@@ -294,9 +294,8 @@ class Output:
             pts = self._last_pts + 1  # a broken file's repeated stamp; the encoder refuses it
         self._last_pts = pts
         fitted = fit_frame(frame, self.video.width, self.video.height)
-        if fitted is frame and frame.format.name == "yuv420p":
-            # the engine's frame may be the one it was handed: never restamp a shared frame
-            fitted = frame.reformat(format="yuv420p", width=frame.width, height=frame.height)
+        # The same frame may come again (through a server, a slot holds the newest output
+        # until the next one arrives): the encoder keeps the stamp it was given with it.
         fitted.pts, fitted.time_base = pts, time_base
         for packet in self.video.encode(fitted):
             self.container.mux(packet)
