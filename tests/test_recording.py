@@ -150,21 +150,19 @@ async def test_a_viewer_records_too_and_nothing_is_recorded_before_connecting(
 
 
 @pytest.fixture(scope="module")
-def passthrough_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def grade_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with serve(tmp_path_factory.mktemp("record-server"), "--engine", "grade") as live:
         yield live
 
 
 @pytest.mark.browser
-def test_the_demo_record_button_saves_the_output(
-    passthrough_server: LiveServer, tmp_path: Path
-) -> None:
+def test_the_demo_record_button_saves_the_output(grade_server: LiveServer, tmp_path: Path) -> None:
     from .browser import camera_file, chromium
 
     camera = camera_file(tmp_path, MODEL.width, MODEL.height, MODEL.fps)
     with chromium(camera) as browser:
         page = browser.new_page()
-        page.goto(f"{passthrough_server.base_url}/")
+        page.goto(f"{grade_server.base_url}/")
         page.wait_for_function(
             "() => document.querySelector('#state').textContent === 'generating'",
             timeout=60_000,
