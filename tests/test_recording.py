@@ -23,6 +23,8 @@ from tests.inprocess import serve_in_process
 from tests.media import FrameSink, SceneTrack
 from tests.support import eventually
 
+pytestmark = pytest.mark.slow  # real WebRTC sessions, as in test_realtime_e2e
+
 MODEL = CATALOG["mirage"]
 QUICK = RetryPolicy(attempts=5, base_delay=0.2, max_delay=1.0)
 
