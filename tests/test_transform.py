@@ -163,6 +163,20 @@ def test_a_timed_prompt_changes_the_picture_from_its_time_on(
     assert min(differences[first:]) > 8, "the frames from 1 s on should show the new prompt"
 
 
+def test_a_reference_image_restyles_the_clip(clip: Path, tmp_path: Path, capsys) -> None:
+    image = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(image)
+    plain, styled = tmp_path / "plain.mp4", tmp_path / "styled.mp4"
+    common = ("--model", "mirage", "--engine", "grade", "--prompt", "anime")
+    assert transform(capsys, clip, plain, *common)[0] == 0
+    status, err = transform(capsys, clip, styled, *common, "--image", image)
+    assert status == 0, err
+    differences = [
+        mean_abs_diff(a, b) for a, b in zip(Clip(plain).rgb, Clip(styled).rgb, strict=True)
+    ]
+    assert min(differences) > 5, "the image's colours should show in every frame"
+
+
 def test_the_neural_engine_restyles_a_clip(tmp_path: Path, capsys) -> None:
     """The engine a session of mirage uses by default, on the CPU: a short clip."""
     clip = make_clip(tmp_path / "clip.mp4", seconds=1.0)
@@ -206,6 +220,8 @@ def test_the_neural_engine_restyles_a_clip(tmp_path: Path, capsys) -> None:
         "bad output suffix",
         "unknown engine",
         "refused prompt",
+        "missing image",
+        "not an image",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case: str, clip: Path, tmp_path: Path, capsys) -> None:
@@ -246,6 +262,10 @@ def test_bad_input_is_one_line_and_exit_2(case: str, clip: Path, tmp_path: Path,
             args[5] = "anime@-1"
         case "two prompts at once":
             args += ["--prompt", "ink@0"]
+        case "missing image":
+            args += ["--image", tmp_path / "gone.png"]
+        case "not an image":
+            args += ["--image", text]
         case "refused prompt":
             args += ["--prompt", "gory horror@1"]  # the policy's, as in a session
         case "unknown engine":
