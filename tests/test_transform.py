@@ -317,6 +317,18 @@ def test_through_a_server_in_real_time(clip: Path, tmp_path: Path) -> None:
     assert served.times == source.times and served.size == SIZE and served.rate == 25
     assert served.audio == "aac" and served.sound == pytest.approx(2.0, abs=0.05)
     assert min(mean_abs_diff(a, b) for a, b in zip(source.rgb, served.rgb, strict=True)) > 8
+    assert "latency" in result.stderr.splitlines()[-1]
+    # Each slot holds the output made from its own input frame (the latency made up for):
+    # the frame of a local run of the same engine it looks most like is, mostly, its own.
+    local = tmp_path / "local.mp4"
+    local_run = ["transform", str(clip), str(local), "--model", "mirage", "--prompt", "anime"]
+    assert main([*local_run, "--engine", "grade"]) == 0
+    here = Clip(local).rgb
+    offsets = sorted(
+        min(range(len(here)), key=lambda j: mean_abs_diff(frame, here[j])) - index
+        for index, frame in enumerate(served.rgb)
+    )
+    assert abs(offsets[len(offsets) // 2]) <= 1, offsets
 
 
 def test_prompts_and_sizes_are_read_strictly() -> None:

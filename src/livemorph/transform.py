@@ -12,8 +12,9 @@ their own threads, so decoding and encoding overlap the engine's work.
 
 With `--server` the frames go through a running server's realtime API instead, paced to
 real time (the way to use a GPU node from a laptop); what comes back is written at the
-input's frame timestamps, each slot holding the newest transformed frame received when its
-input frame was sent, so the picture trails the sound by the session's latency.
+input's frame timestamps, each slot holding the newest transformed frame the session's
+latency (measured before the clip, `_Latency`) after its input frame left, so the picture
+keeps step with the sound.
 
 Either way OUTPUT keeps the input's frame timestamps (so its duration and frame rate),
 its size unless `--size` says otherwise, and its first audio stream (copied when it is
@@ -526,6 +527,8 @@ class Result:
     frames: int
     seconds: float
     duration: float | None
+    #: Through a server: the session's latency, measured before the clip.
+    latency: float | None = None
 
 
 def _registry(settings: Settings, model: str) -> EngineRegistry:
@@ -675,12 +678,69 @@ def _stamp(frame: VideoFrame, index: int, source: Source) -> tuple[int, Any]:
 # -- through a server --------------------------------------------------------------------
 
 
+#: How the session's latency is measured before the clip: outputs of the probe picture
+#: first, then the time until the clip's first frame shows (or this long at most).
+PROBE_OUTPUTS = 3
+PROBE_TIMEOUT = 5.0
+#: An output counts as the clip's first frame when it differs from the probe's outputs by
+#: this much (mean of 0..255 on a thumbnail), and by four times their own variation.
+PROBE_CHANGE = 8.0
+
+
+def _thumbnail(frame: VideoFrame) -> Any:
+    return frame.reformat(width=64, height=36, format="rgb24").to_ndarray().astype("float32")
+
+
+class _Latency:
+    """Measures the session's latency once, before the clip, so that each output frame is
+    written in the slot of the input frame it was made from and the picture keeps step
+    with the sound.
+
+    The first frame is sent as its negative until the output flows (the engine's first
+    frame may take a while) and settles; then the frame itself: the time until the output
+    changes is the latency, from camera to screen, as the clip will see it.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.switched_at: float | None = None
+        self._baseline: Any = None
+        self._noise = 0.0
+        self._outputs = 0
+
+    @property
+    def settled(self) -> bool:
+        """Enough outputs of the probe picture have come to tell the change."""
+        return self._outputs >= PROBE_OUTPUTS
+
+    def seen(self, frame: VideoFrame, now: float) -> None:
+        if self.seconds is not None:
+            return
+        thumbnail = _thumbnail(frame)
+        if self.switched_at is None:
+            if self._baseline is not None:
+                self._noise = max(self._noise, float(abs(thumbnail - self._baseline).mean()))
+            self._baseline = thumbnail
+            self._outputs += 1
+            return
+        change = float(abs(thumbnail - self._baseline).mean())
+        if change > max(PROBE_CHANGE, 4 * self._noise):
+            self.seconds = now - self.switched_at
+            logger.info("the session's latency: %.0f ms", 1000 * self.seconds)
+
+    def give_up(self) -> None:
+        """No change seen (an engine whose picture ignores the camera): no correction."""
+        if self.seconds is None:
+            logger.warning("could not measure the session's latency; the picture may trail")
+            self.seconds = 0.0
+
+
 class _NewestFrame:
     """Drains a remote video track, keeping only its newest frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency: _Latency) -> None:
         self.frame: VideoFrame | None = None
-        self.arrived = asyncio.Event()
+        self.latency = latency
         self._tasks: list[asyncio.Task[None]] = []
 
     def follow(self, track: MediaStreamTrack) -> None:
@@ -690,8 +750,10 @@ class _NewestFrame:
     async def _drain(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
-                self.frame = await track.recv()  # type: ignore[assignment]
-                self.arrived.set()
+                frame = await track.recv()
+                assert isinstance(frame, VideoFrame)
+                self.frame = frame
+                self.latency.seen(frame, time.monotonic())
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -700,11 +762,11 @@ class _NewestFrame:
 
 
 class _ClipTrack(MediaStreamTrack):
-    """The file's frames, sent at their own timestamps once the server's output flows.
+    """The file's frames, sent at their own timestamps once the latency is known.
 
-    Until the first transformed frame comes back, the first frame is sent again and again
-    (the engine's first frame may take a while), so the clip does not lose its start. As
-    each input frame leaves, the newest transformed frame goes to the writer in its slot.
+    Each input frame's slot is filled the measured latency after it left, with the newest
+    transformed frame then: the one made from it, or the one before where the model's rate
+    is lower than the file's.
     """
 
     kind = "video"
@@ -719,11 +781,14 @@ class _ClipTrack(MediaStreamTrack):
         super().__init__()
         self.stages = stages
         self.received = received
+        self.latency = received.latency
         self.on_time = on_time
         self.progress = progress
-        self.finished = asyncio.Event()
         self.frames = 0
+        self._slots: asyncio.Queue[tuple[float, int, Any] | None] = asyncio.Queue()
+        self.filled: asyncio.Task[None] = asyncio.ensure_future(self._fill())
         self._first: VideoFrame | None = None
+        self._negative: VideoFrame | None = None
         self._first_time: float | None = None
         self._start: float | None = None
         self._last_sent: float | None = None
@@ -752,15 +817,25 @@ class _ClipTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._pending = upcoming
             self._first = upcoming[0]
-        if self._start is None and self.received.frame is None:
-            await self._pace(interval)  # pre-roll: the first frame until output flows
-            return self._send(self._first)
+            rgb = self._first.to_ndarray(format="rgb24")
+            self._negative = VideoFrame.from_ndarray(255 - rgb, format="rgb24")
+        if self.latency.seconds is None:
+            await self._pace(interval)
+            if not self.latency.settled:
+                assert self._negative is not None
+                return self._send(self._negative)
+            if self.latency.switched_at is None:
+                self.latency.switched_at = time.monotonic()
+            elif time.monotonic() - self.latency.switched_at > PROBE_TIMEOUT:
+                self.latency.give_up()
+            if self.latency.seconds is None:
+                return self._send(self._first)
         if self._start is None:
             self._start = time.monotonic()
         upcoming = self._pending or await self._next_frame()
         self._pending = None
         if upcoming is None:
-            self.finished.set()
+            self._slots.put_nowait(None)
             self.stop()
             raise MediaStreamError
         frame, pts, time_base = upcoming
@@ -770,12 +845,21 @@ class _ClipTrack(MediaStreamTrack):
         if (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)
         self.on_time(seconds - self._first_time)
-        newest = self.received.frame
-        assert newest is not None
-        await self.stages.write(("video", (newest, pts, time_base)))
-        self.frames += 1
-        self.progress.update(self.frames)
-        return self._send(frame)
+        sent = self._send(frame)
+        assert self.latency.seconds is not None
+        self._slots.put_nowait(((self._last_sent or 0.0) + self.latency.seconds, pts, time_base))
+        return sent
+
+    async def _fill(self) -> None:
+        """Write each slot when its output is due: the newest transformed frame then."""
+        while (slot := await self._slots.get()) is not None:
+            due, pts, time_base = slot
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            assert self.received.frame is not None
+            await self.stages.write(("video", (self.received.frame, pts, time_base)))
+            self.frames += 1
+            self.progress.update(self.frames)
 
     async def _pace(self, interval: float) -> None:
         now = time.monotonic()
@@ -810,9 +894,10 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
     width, height = source.output_size(job.size)
     progress.total = source.frames
     stages = _Stages(source, output)
-    received = _NewestFrame()
+    received = _NewestFrame(_Latency())
     started = time.monotonic()
     changes: set[asyncio.Task[None]] = set()
+    finishing: list[asyncio.Task[None]] = []
     try:
         output.add_video(width, height, source.rate, source.video.time_base)
         if source.audio is not None:
@@ -832,6 +917,7 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
                 changes.add(task)
 
         track = _ClipTrack(stages, received, on_time, progress)
+        finishing.append(track.filled)
         async with create_client(api_key=api_key, base_url=server) as client:
             try:
                 rt = await client.realtime.connect(
@@ -851,14 +937,14 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
                 raise
             try:
                 ended = asyncio.ensure_future(_dropped(rt))
-                done = asyncio.ensure_future(track.finished.wait())
+                done = track.filled  # the last slot written
                 await asyncio.wait({ended, done}, return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
                 if not done.done():
-                    done.cancel()
                     raise LivemorphError(
                         "the session ended before the clip did", ErrorCode.WEB_RTC_ERROR
                     )
+                done.result()  # a failure to write, said as it was
                 for task in changes:
                     try:
                         await task
@@ -871,14 +957,15 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
         stages.stop()
         output.finish()
     except BaseException:
-        for task in changes:
+        for task in [*changes, *finishing]:
             task.cancel()
         stages.stop()
         output.abort()
         raise
     finally:
         source.close()
-    return Result(output.frames, time.monotonic() - started, source.duration)
+    seconds = time.monotonic() - started
+    return Result(output.frames, seconds, source.duration, received.latency.seconds)
 
 
 async def _dropped(rt: Any) -> None:
@@ -972,6 +1059,8 @@ def run(args: argparse.Namespace, settings: Settings, stderr: TextIO | None = No
         print(f"livemorph: transform failed: {exc}", file=err)
         return 1
     speed = f", {result.duration / result.seconds:.2f}x real time" if result.duration else ""
+    if result.latency:
+        speed += f"; the session's latency {1000 * result.latency:.0f} ms, made up for"
     print(
         f"livemorph: wrote {job.output}: {result.frames} frames in {result.seconds:.1f} s "
         f"({result.frames / result.seconds:.1f} fps{speed})",
