@@ -281,7 +281,7 @@ class Model:
         self.ip_adapter = True
 
     def describe(self) -> str:
-        unet = type(self.unet).__name__
+        unet = type(self.pipe.unet).__name__
         vae = "tiny autoencoder" if self.tiny_vae else "full VAE"
         return (
             f"{unet} on {self.device.type} ({str(self.dtype).removeprefix('torch.')}), {vae}, "
@@ -732,7 +732,9 @@ class DiffusionSession(EngineSession):
     def _similarity(self, image: torch.Tensor) -> float | None:
         if self._last_input is None:
             return None
-        return float(F.cosine_similarity(image.flatten().float(), self._last_input.flatten(), 0))
+        return float(
+            F.cosine_similarity(image.flatten().float(), self._last_input.flatten().float(), 0)
+        )
 
     def _skip(self, similarity: float | None) -> bool:
         """StreamDiffusion's stochastic similarity filter: skip with probability
