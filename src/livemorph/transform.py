@@ -832,6 +832,7 @@ class _ClipTrack(MediaStreamTrack):
                 return self._send(self._first)
         if self._start is None:
             self._start = time.monotonic()
+            self.progress.restart()  # the clip's own pace, not the connection's and probe's
         upcoming = self._pending or await self._next_frame()
         self._pending = None
         if upcoming is None:
@@ -964,7 +965,8 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
         raise
     finally:
         source.close()
-    seconds = time.monotonic() - started
+    # the clip's own time: connecting and measuring the latency come before it
+    seconds = time.monotonic() - (track._start or started)
     return Result(output.frames, seconds, source.duration, received.latency.seconds)
 
 
