@@ -1018,8 +1018,8 @@ async def test_a_session_that_ends_under_a_pending_input_closes_quietly() -> Non
     """A prompt waiting on the engine when credits ran out (or max_duration, or shutdown)
     used to surface as "message loop failed" and a 1011 close, hiding the real reason."""
 
-    from livemorph.protocol import ServerMessage
-    from livemorph.server.stream import _publisher_loop
+    from livemorph.protocol import ClientMessage, ServerMessage
+    from livemorph.server.stream import _parse, _publisher_loop
     from livemorph.sessions.pipeline import SessionClosedError
 
     class Ending:
@@ -1033,6 +1033,9 @@ async def test_a_session_that_ends_under_a_pending_input_closes_quietly() -> Non
         async def messages(self) -> Any:
             yield json.dumps({"type": "prompt", "prompt": "anime"})
             yield json.dumps({"type": "prompt", "prompt": "never read: the loop has ended"})
+
+        async def receive(self, frame: str | bytes) -> ClientMessage:
+            return await _parse(frame)
 
         async def send(self, message: ServerMessage) -> None:
             self.sent.append(message)
