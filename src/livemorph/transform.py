@@ -586,7 +586,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
     policy = Policy(moderator, enhancer)
     stages = _Stages(source, output)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    started = time.monotonic()
+    started = time.monotonic()  # from the first frame on: loading the engine comes first
     try:
         try:
             _, engine = registry.resolve(job.model)
@@ -624,6 +624,7 @@ async def transform_local(job: Job, settings: Settings, progress: Progress) -> R
                 output.add_audio(source.audio)
             stages.start()
             progress.restart()
+            started = time.monotonic()
             transform = session.pipeline.engine.transform
             loop = asyncio.get_running_loop()
             first_time: float | None = None
