@@ -136,6 +136,9 @@ async def test_a_viewer_records_too_and_nothing_is_recorded_before_connecting(
         rt = await client.realtime.connect(SceneTrack(320, 176), model=MODEL)
         viewer = await client.realtime.subscribe(rt.subscribe_token or "")
         try:
+            with pytest.raises(LivemorphError) as nowhere:
+                await viewer.record(tmp_path / "no such folder" / "watched.mkv")
+            assert nowhere.value.code is ErrorCode.INVALID_INPUT and viewer.recording is None
             await viewer.record(tmp_path / "watched.mkv")
             sink = FrameSink(viewer.video_track)
             await eventually(lambda: sink.count >= 15, within=20)
