@@ -121,6 +121,10 @@ class Recording:
         options: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        # MediaRecorder opens its file only when the first frame is written, and a failure
+        # there would end its task unseen: a path that cannot be written is refused now.
+        with self.path.open("wb"):
+            pass
         started = time.monotonic()
         self._recorder = MediaRecorder(str(self.path), format=format, options=options)
         self._followers: dict[str, _Follower] = {}
