@@ -21,6 +21,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
+from .models import CATALOG
 from .protocol import MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "LIVEMORPH_"
@@ -88,6 +89,43 @@ def limit_value(kind: type[int] | type[float], text: str, name: str) -> int | fl
     if not value >= 0:  # also refuses nan
         raise ValueError(f"{name} must be 0 (off) or more, not {text!r}")
     return value
+
+
+#: `--capacity`'s word for "estimate every model" and for "no admission by capacity".
+CAPACITY_AUTO = "auto"
+CAPACITY_OFF = "off"
+
+
+def capacity_counts(text: str, name: str = "--capacity") -> dict[str, int] | None:
+    """`--capacity`'s text read: sessions per model (`mirage=2,live_avatar=4`; models not
+    named are estimated), {} for `auto` (all estimated), None for `off`. ValueError names
+    `name` and says what is wrong."""
+    words = text.strip().lower()
+    if words == CAPACITY_OFF:
+        return None
+    if words in ("", CAPACITY_AUTO):
+        return {}
+    counts: dict[str, int] = {}
+    for item in words.split(","):
+        model, equals, count = (part.strip() for part in item.partition("="))
+        if model not in CATALOG:
+            known = ", ".join(CATALOG)
+            raise ValueError(f"{name}: {model!r} is not a model ({known}), in {text!r}")
+        if not equals or not count.isdigit() or int(count) < 1:
+            raise ValueError(
+                f"{name}: {model} needs a whole number of sessions, 1 or more "
+                f"({model}=2), in {text!r}"
+            )
+        if model in counts:
+            raise ValueError(f"{name}: {model} is named twice, in {text!r}")
+        counts[model] = int(count)
+    return counts
+
+
+def capacity_value(kind: type[Any], text: str, name: str) -> str:
+    """`--capacity` checked when it is given, so a typo stops `serve` at once, by name."""
+    capacity_counts(text, name)
+    return text.strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +326,18 @@ class Settings:
         default=3.0, metadata=policy("seconds before the plain prompt is used", metavar="S")
     )
     max_sessions: int = field(default=32, metadata=limit("sessions on this node"))
+    # server/capacity.py: how the estimate is made, and why.
+    capacity: str = field(
+        default=CAPACITY_AUTO,
+        metadata=about(
+            "sessions of each model this node serves at the model's frame rate, e.g. "
+            "mirage=2,live_avatar=4; models not named are estimated from what their "
+            "sessions cost; off: only --max-sessions",
+            parse=capacity_value,
+            metavar="MODEL=N,...",
+            group=LIMITS_GROUP,
+        ),
+    )
     max_sessions_per_key: int = field(
         default=16, metadata=limit("sessions of one key at once (its client tokens included)")
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from ..sessions import SessionRegistry
 from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
 from ..storage.store import WallClock, utcnow
+from .capacity import Capacity
 from .limits import Clock, Limits
 from .metrics import Metrics
 
@@ -29,6 +32,8 @@ class AppState:
     meter: Meter = field(default_factory=Unmetered)
     limits: Limits = field(default_factory=lambda: Limits.from_settings(Settings()))
     metrics: Metrics = field(default_factory=Metrics)
+    capacity: Capacity = field(default_factory=lambda: Capacity(estimate=False))
+    _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_settings(
@@ -62,12 +67,22 @@ class AppState:
             meter=StoreMeter(store, on_recorded=metrics.usage_recorded),
             limits=Limits.from_settings(settings, monotonic_clock),
             metrics=metrics,
+            capacity=Capacity.from_settings(settings),
         )
 
     async def open(self) -> None:
         await self.store.open()
+        if self.capacity.on:
+            self._sampler = asyncio.create_task(
+                self.capacity.run(self.sessions.all), name="capacity"
+            )
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         await self.sessions.close_all("server_shutdown")
         self.engines.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

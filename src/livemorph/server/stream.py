@@ -195,7 +195,9 @@ async def stream(ws: WebSocket) -> None:
         channel.refused(CREDITS_REASON)
         await channel.fatal(INSUFFICIENT_CREDITS)
         return
-    if refused := await state.limits.refuse_session(principal.key_id, state.sessions):
+    if refused := await state.limits.refuse_session(
+        principal.key_id, state.sessions
+    ) or state.capacity.refuse(spec, state.sessions.all()):
         # Transient: clients retry. Nothing is awaited from here until the session is added.
         logger.info(
             "refused a session of key %s: %s",

@@ -1,0 +1,274 @@
+"""Admission by capacity: a node takes a session only if its sessions keep their frame rate.
+
+Four `mirage` sessions on a 2-core node, all admitted, got about 4 fps each where one alone
+gets 21-25: every session sank together. So each session takes a share of the node, and a
+new one is refused (`Server at capacity, try again shortly`, close 1013: the SDKs retry)
+when its share would not fit beside the others':
+
+- **Configured** (`--capacity mirage=2,live_avatar=4`): a session of a named model takes
+  1/N of the node, from the moment it is admitted, streaming or not. A node with one
+  `mirage` session has room for two `live_avatar` sessions here.
+- **Estimated** (every model not named, `--capacity auto`, the default): a session takes
+  cost / cores, where cost is the CPU (cores) one session of its model uses at the model's
+  frame rate, measured from the sessions that run: each second, the process's CPU time
+  over that second divided by the frames its sessions processed, times the model's fps.
+  Frames, not seconds, so a session held back by its camera or by the machine is costed at
+  its full rate. CPU time is the whole process's (decoding, the engine, encoding, RTP, the
+  event loop), not the engine's alone: on the 2-core bench machine the neural engine's own
+  frame time was 23.6 ms of 40 while decoding and encoding took most of the rest. A second
+  in which sessions of several models ran says nothing about one model alone, so it only
+  updates the node's behind check below. Estimates are running means (`SMOOTHING`) and
+  count only sessions with camera frames: a session that has not begun to stream costs
+  nothing yet. Before a model has been measured on this node, its session counts as
+  `DEFAULT_COST` cores: one `mirage` session on the neural engine used 0.88-0.94 of a core
+  on the bench machine (README), the most of any CPU engine measured, so a 2-core node
+  takes two unmeasured sessions, which is what it served at rate there (23.2 and 24.6 fps).
+- **Behind**: whatever the figures say, a node one of whose sessions is getting under
+  `BEHIND_AT` of the frames it could (its camera's frames, at most the model's fps) takes
+  no new session until it recovers: that session is short of CPU (or GPU) already.
+  One `mirage` session alone on the slowest 2-core machine measured got 21.3 of 25 fps
+  (0.85); the four that sank got 0.16.
+
+A node with no session of any weight takes one whatever the figures say: a model that
+cannot reach its rate even alone is still served, and is measured only by running.
+`--max-sessions` stays a hard cap over all of this (`Limits`). `--capacity off` switches
+admission by capacity off.
+
+The CPU is the process's (`time.process_time`), not the machine's: other processes'
+load shows in the behind check once it slows the sessions, and the tests and benches of a
+shared machine do not refuse each other's sessions. On a GPU node the CPU says little of
+the GPU's load: there, configure `--capacity` from `bench/diffusion.py`'s figures; the
+behind check still holds.
+
+The clock, the CPU reader and the cores are injectable, so tests feed readings rather than
+race time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..config import Settings, capacity_counts
+from ..models import ModelSpec
+from .limits import AT_CAPACITY
+
+logger = logging.getLogger(__name__)
+
+#: Cores one session of a model not yet measured here counts for (see the module's text).
+DEFAULT_COST = 1.0
+#: A session getting under this share of the frames it could puts the node behind.
+BEHIND_AT = 0.8
+#: Seconds between two load readings.
+SAMPLE_EVERY = 1.0
+#: Weight of the newest reading in the running means of costs and frame shares: about
+#: three readings' memory, so one slow second (a garbage collection, a neighbour's burst)
+#: does not refuse sessions on its own, and a real overload shows within a few seconds.
+SMOOTHING = 0.3
+#: Frames a reading needs before it says anything: fewer make the costs noise.
+MIN_FRAMES = 10
+#: Frames a session must have been able to process in a reading before it is judged.
+MIN_EXPECTED = 5
+#: The rounding slack of a full node (three shares of 1/3 add up to 1.0000000000000002).
+EPSILON = 1e-9
+
+Clock = Callable[[], float]
+
+
+class Pipeline(Protocol):
+    @property
+    def frames_in(self) -> int: ...
+    @property
+    def frames_out(self) -> int: ...
+
+
+class Running(Protocol):
+    """What capacity reads of a session: its id, model and frame counts."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def spec(self) -> ModelSpec: ...
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+
+def available_cores(
+    cgroup: Path = Path("/sys/fs/cgroup/cpu.max"),
+) -> float:
+    """The cores this process may use: its CPU affinity, or its cgroup's quota if lower (a
+    container started with `--cpus 2` on a 64-core host has 2)."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        cores = float(os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return max(cores, 0.1)
+
+
+@dataclass(slots=True)
+class _Seen:
+    frames_in: int
+    frames_out: int
+    #: Running mean of the share of the frames it could have processed that it did.
+    share: float | None = None
+
+
+class Capacity:
+    """The node's admission by capacity: `sample` reads the load, `refuse` decides."""
+
+    def __init__(
+        self,
+        configured: dict[str, int] | None = None,
+        *,
+        estimate: bool = True,
+        cores: float | None = None,
+        clock: Clock = time.monotonic,
+        cpu_time: Clock = time.process_time,
+        default_cost: float = DEFAULT_COST,
+    ) -> None:
+        self.configured = dict(configured or {})
+        if any(count < 1 for count in self.configured.values()):
+            raise ValueError("a configured capacity is 1 session or more")
+        self.estimate = estimate
+        self.cores = cores if cores is not None else available_cores()
+        self.default_cost = default_cost
+        self._clock = clock
+        self._cpu_time = cpu_time
+        self._last: tuple[float, float] | None = None  # (when, process CPU seconds)
+        self._seen: dict[str, _Seen] = {}
+        #: Measured cores per session at full rate, by model (running means).
+        self.costs: dict[str, float] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: object) -> Capacity:
+        counts = capacity_counts(settings.capacity)
+        if counts is None:
+            return cls(estimate=False, **options)  # type: ignore[arg-type]
+        return cls(counts, **options)  # type: ignore[arg-type]
+
+    @property
+    def on(self) -> bool:
+        return self.estimate or bool(self.configured)
+
+    # -- reading the load -------------------------------------------------------------
+
+    def sample(self, sessions: Iterable[Running]) -> None:
+        """Read the process's CPU and each session's frames since the last reading."""
+        now, cpu = self._clock(), self._cpu_time()
+        last, self._last = self._last, (now, cpu)
+        sessions = list(sessions)
+        seen: dict[str, _Seen] = {}
+        processed: dict[str, int] = {}  # frames processed by model, this reading
+        for session in sessions:
+            pipeline = session.pipeline
+            before = self._seen.get(session.id) or _Seen(0, 0)
+            now_seen = seen[session.id] = _Seen(pipeline.frames_in, pipeline.frames_out)
+            now_seen.share = before.share
+            if last is None:
+                continue
+            came = pipeline.frames_in - before.frames_in
+            done = pipeline.frames_out - before.frames_out
+            processed[session.spec.name] = processed.get(session.spec.name, 0) + done
+            could = min(float(came), session.spec.fps * (now - last[0]))
+            if could >= MIN_EXPECTED:
+                share = min(1.0, done / could)
+                now_seen.share = _mean(before.share, share)
+        self._seen = seen
+        if last is None or len(processed) != 1:
+            return
+        [(model, frames)] = processed.items()
+        if frames >= MIN_FRAMES and cpu >= last[1]:
+            fps = next(s.spec.fps for s in sessions if s.spec.name == model)
+            self.costs[model] = _mean(self.costs.get(model), (cpu - last[1]) / frames * fps)
+
+    async def run(self, sessions: Callable[[], Iterable[Running]]) -> None:
+        """Sample every `SAMPLE_EVERY` seconds until cancelled (AppState starts this)."""
+        while True:
+            self.sample(sessions())
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    # -- deciding ---------------------------------------------------------------------
+
+    def cost(self, model: str) -> float:
+        """Cores one session of an estimated model takes at its rate: measured, or the
+        default until it has been."""
+        return self.costs.get(model, self.default_cost)
+
+    def share(self, model: str) -> float:
+        """The share of this node one streaming session of `model` takes."""
+        if model in self.configured:
+            return 1.0 / self.configured[model]
+        return self.cost(model) / self.cores if self.estimate else 0.0
+
+    def sessions_of(self, model: str) -> int | None:
+        """How many sessions of `model` alone this node takes (None: no limit here)."""
+        share = self.share(model)
+        return max(1, math.floor(1.0 / share + EPSILON)) if share > 0 else None
+
+    def _weight(self, session: Running) -> float:
+        model = session.spec.name
+        if model in self.configured:
+            return self.share(model)  # counted from admission, as a count of sessions is
+        return self.share(model) if session.pipeline.frames_in > 0 else 0.0
+
+    def load(self, sessions: Iterable[Running]) -> float:
+        """The share of the node its sessions take now (1.0: full)."""
+        return sum(self._weight(session) for session in sessions)
+
+    def behind(self, sessions: Iterable[Running]) -> list[Running]:
+        """The sessions now getting under `BEHIND_AT` of the frames they could."""
+        return [
+            session
+            for session in sessions
+            if (seen := self._seen.get(session.id)) is not None
+            and seen.share is not None
+            and seen.share < BEHIND_AT
+        ]
+
+    def refusal(self, spec: ModelSpec, sessions: Iterable[Running]) -> str | None:
+        """Why a new session of `spec` does not fit now, in words for the log; None: it fits."""
+        if not self.on:
+            return None
+        sessions = list(sessions)
+        load = self.load(sessions)
+        if load <= 0.0:
+            return None  # an empty node takes one session, to serve and to measure it
+        if slow := self.behind(sessions):
+            return f"{len(slow)} session(s) below their frame rate already"
+        share = self.share(spec.name)
+        if load + share > 1.0 + EPSILON:
+            return (
+                f"a {spec.name} session takes {share:.0%} of the node "
+                f"and {load:.0%} is taken ({len(sessions)} sessions)"
+            )
+        return None
+
+    def refuse(self, spec: ModelSpec, sessions: Iterable[Running]) -> str | None:
+        """`AT_CAPACITY` when a new session of `spec` does not fit now (the reason is
+        logged), else None. Synchronous: the caller adds the session before anything else
+        can be admitted."""
+        why = self.refusal(spec, sessions)
+        if why is None:
+            return None
+        logger.info("at capacity for %s: %s", spec.name, why, extra={"model": spec.name})
+        return AT_CAPACITY
+
+
+def _mean(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + SMOOTHING * (value - previous)
+
+
+__all__ = ["BEHIND_AT", "DEFAULT_COST", "Capacity", "available_cores"]
