@@ -354,7 +354,7 @@ class Model:
         return x0.to(self.dtype)
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity (a queue's `remove`), not by tensors
 class _Job:
     x: torch.Tensor
     t: torch.Tensor
