@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import av
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs import vpx
 from av.frame import Frame
 from av.video.codeccontext import VideoCodecContext
+
+if TYPE_CHECKING:
+    from .shared_encoder import SharedVp8Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,9 @@ def _open_codec(frame: av.VideoFrame, bitrate: int) -> VideoCodecContext:
     return codec
 
 
-def install_realtime_encoder(sender: RTCRtpSender) -> bool:
-    """Make `sender` encode with `RealtimeVp8Encoder`; False (and stock aiortc) if it can't."""
+def install_realtime_encoder(sender: RTCRtpSender, shared: SharedVp8Encoder | None = None) -> bool:
+    """Make `sender` encode with `RealtimeVp8Encoder`, its own or, given `shared`, a handle
+    on that one (media/shared_encoder.py); False (and stock aiortc) if it can't."""
     global _warned
     if not hasattr(sender, _ATTRIBUTE):
         if not _warned:
@@ -93,12 +97,13 @@ def install_realtime_encoder(sender: RTCRtpSender) -> bool:
             _warned = True
         return False
     if getattr(sender, _ATTRIBUTE) is None:
-        setattr(sender, _ATTRIBUTE, RealtimeVp8Encoder())
+        setattr(sender, _ATTRIBUTE, RealtimeVp8Encoder() if shared is None else shared.attach())
     return True
 
 
-def use_realtime_encoder(pc: RTCPeerConnection) -> None:
-    """After the answer is set: the tuned encoder on each video sender that will send VP8."""
+def use_realtime_encoder(pc: RTCPeerConnection, shared: SharedVp8Encoder | None = None) -> None:
+    """After the answer is set: the tuned encoder on each video sender that will send VP8;
+    with `shared`, one encode of each frame for all the senders given it."""
     for transceiver in pc.getTransceivers():
         codecs = getattr(transceiver, "_codecs", None) or []
         if (
@@ -107,4 +112,4 @@ def use_realtime_encoder(pc: RTCPeerConnection) -> None:
             and codecs
             and codecs[0].mimeType.lower() == "video/vp8"
         ):
-            install_realtime_encoder(transceiver.sender)
+            install_realtime_encoder(transceiver.sender, shared)

@@ -22,6 +22,7 @@ from ..media.audio import AudioTap, ClockTrack, DelayedAudioTrack
 from ..media.encoder import use_realtime_encoder
 from ..media.frames import image_to_rgb
 from ..media.jitter import install_on_peer_connection
+from ..media.shared_encoder import SharedVp8Encoder, output_encoder
 from ..models import ModelSpec
 from ..policy import Expansion, Policy
 from ..protocol import Candidate, GenerationEnded, GenerationStarted, GenerationTick, ServerMessage
@@ -101,6 +102,9 @@ class Session:
             engine, executor, on_first_frame=self._on_first_frame, timings=timings
         )
         self.relay = MediaRelay()
+        #: One VP8 encode of each output frame for the publisher's and every viewer's
+        #: sender (None: each its own); media/shared_encoder.py.
+        self.video_encoder: SharedVp8Encoder | None = output_encoder()
         self.audio: MediaStreamTrack | None = None
         self.pc: RTCPeerConnection | None = None
         self.viewers: set[Viewer] = set()
@@ -245,7 +249,7 @@ class Session:
             # no camera: a clock at the model's rate drives the engine
             self.pipeline.consume(ClockTrack(self.spec.fps))
         await pc.setLocalDescription(await pc.createAnswer())
-        use_realtime_encoder(pc)
+        use_realtime_encoder(pc, self.video_encoder)
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
@@ -353,7 +357,7 @@ class Viewer:
                 self._tracks.append(track)
                 pc.addTrack(track)
         await pc.setLocalDescription(await pc.createAnswer())
-        use_realtime_encoder(pc)
+        use_realtime_encoder(pc, self.session.video_encoder)
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
