@@ -113,6 +113,8 @@ def test_missing_or_broken_model_folders_fail_at_load(tmp_path, weights) -> None
     subprocess.run(["cp", "-r", str(weights[0]), str(broken)], check=True)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
     assert f"could not load the diffusers pipeline in {broken}" in load(broken)
+    subprocess.run(["rm", "-r", str(broken / "unet")], check=True)
+    assert "model_index.json lists unet, but the folder is missing" in load(broken)
 
 
 # -- the engine in process -----------------------------------------------------------------

@@ -136,6 +136,16 @@ def _check_folder(options: DiffusionOptions) -> None:
             f"{folder} is not a Stable Diffusion pipeline: model_index.json lists no "
             f"{', '.join(missing)}"
         )
+    absent = [
+        part
+        for part in ("unet", "vae", "text_encoder", "tokenizer")
+        if not (folder / part).is_dir()
+    ]
+    if absent:
+        raise DiffusionLoadError(
+            f"{folder} is incomplete: model_index.json lists {', '.join(absent)}, but the "
+            f"folder{'s are' if len(absent) > 1 else ' is'} missing"
+        )
     for path, what in ((options.vae, "vae"), (options.image_encoder, "image_encoder")):
         if path is not None and not path.is_dir():
             raise DiffusionLoadError(f"diffusion engine option {what}: {path} is not a folder")
