@@ -59,8 +59,13 @@ class Node:
     def __init__(self, configured: dict[str, int] | None = None, cores: float = 2.0) -> None:
         self.clock = FakeClock()
         self.cpu = 0.0
+        self.idle = 0.5  # the machine's idle share, as /proc/stat would say
         self.capacity = Capacity(
-            configured, cores=cores, clock=self.clock, cpu_time=lambda: self.cpu
+            configured,
+            cores=cores,
+            clock=self.clock,
+            cpu_time=lambda: self.cpu,
+            idle=lambda: self.idle,
         )
         self.sessions: list[FakeSession] = []
         self.capacity.sample(self.sessions)
@@ -191,6 +196,39 @@ def test_a_camera_slower_than_the_model_is_not_behind() -> None:
     for _ in range(5):
         node.sessions[0].stream(1.0, fps=10)  # all ten processed
         node.cpu += 0.2
+        node.clock.advance(1.0)
+        node.capacity.sample(node.sessions)
+    assert not node.capacity.behind(node.sessions)
+
+
+def test_a_starved_node_is_behind_though_every_decoded_frame_is_processed() -> None:
+    """Short of CPU, frames are lost in the decoder, before the pipeline counts them."""
+    node = Node(cores=1.0)
+    assert node.admit(MIRAGE)
+    for _ in range(5):
+        node.sessions[0].stream(1.0, fps=11)  # 11 of 25 decoded, all 11 processed
+        node.cpu += 0.4
+        node.clock.advance(1.0)
+        node.capacity.sample(node.sessions)
+    assert not node.capacity.behind(node.sessions), "idle CPU left: the camera sends 11"
+    node.idle = 0.01
+    for _ in range(5):
+        node.sessions[0].stream(1.0, fps=11)
+        node.cpu += 0.4
+        node.clock.advance(1.0)
+        node.capacity.sample(node.sessions)
+    assert node.capacity.behind(node.sessions), "no CPU to spare: it would get 25"
+    assert node.capacity.refuse(MIRAGE, node.sessions) == AT_CAPACITY
+
+
+def test_a_session_without_frames_is_not_judged_on_a_busy_machine() -> None:
+    node = Node(cores=2.0)
+    node.idle = 0.0
+    idle, streaming = node.admit(MIRAGE), node.admit(MIRAGE)
+    assert idle and streaming
+    for _ in range(5):
+        streaming.stream(1.0)
+        node.cpu += 0.5
         node.clock.advance(1.0)
         node.capacity.sample(node.sessions)
     assert not node.capacity.behind(node.sessions)

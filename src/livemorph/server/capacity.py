@@ -24,21 +24,26 @@ when its share would not fit beside the others':
   on the bench machine (README), the most of any CPU engine measured, so a 2-core node
   takes two unmeasured sessions, which is what it served at rate there (23.2 and 24.6 fps).
 - **Behind**: whatever the figures say, a node one of whose sessions is getting under
-  `BEHIND_AT` of the frames it could (its camera's frames, at most the model's fps) takes
-  no new session until it recovers: that session is short of CPU (or GPU) already.
-  One `mirage` session alone on the slowest 2-core machine measured got 21.3 of 25 fps
-  (0.85); the four that sank got 0.16.
+  `BEHIND_AT` of the frames it could takes no new session until it recovers: that session
+  is short of CPU (or GPU) already. What it could is its camera's decoded frames (at most
+  the model's fps) while the machine has CPU to spare, and the model's fps while it has
+  not (under `SPARE_AT` of the node's cores idle, from /proc/stat): a starved node loses
+  frames before the engine, in the decoder, where counting only decoded frames does not
+  see them. Measured with bench/capacity.py on a 1-core node of a machine other processes
+  kept busy: three `mirage` sessions each got 11 fps of their 25, and each processed every
+  frame it decoded. One `mirage` session alone on the slowest 2-core machine measured got
+  21.3 of 25 fps (0.85); the four that sank got 0.16.
 
 A node with no session of any weight takes one whatever the figures say: a model that
 cannot reach its rate even alone is still served, and is measured only by running.
 `--max-sessions` stays a hard cap over all of this (`Limits`). `--capacity off` switches
 admission by capacity off.
 
-The CPU is the process's (`time.process_time`), not the machine's: other processes'
-load shows in the behind check once it slows the sessions, and the tests and benches of a
-shared machine do not refuse each other's sessions. On a GPU node the CPU says little of
-the GPU's load: there, configure `--capacity` from `bench/diffusion.py`'s figures; the
-behind check still holds.
+The costs are the process's CPU (`time.process_time`), not the machine's: what other
+processes take is not this node's sessions' cost; it shows in the behind check, once the
+machine has no CPU left and the sessions get fewer frames than their rate. On a GPU node
+the CPU says little of the GPU's load: there, configure `--capacity` from
+`bench/diffusion.py`'s figures; the behind check still holds.
 
 The clock, the CPU reader and the cores are injectable, so tests feed readings rather than
 race time.
@@ -76,6 +81,9 @@ SMOOTHING = 0.3
 MIN_FRAMES = 10
 #: Frames a session must have been able to process in a reading before it is judged.
 MIN_EXPECTED = 5
+#: Under this share of the node's cores idle, the machine has no CPU to spare: the same
+#: threshold at which the neural engine's scaler steps a session down (SPARE_DOWN).
+SPARE_AT = 0.05
 #: The rounding slack of a full node (three shares of 1/3 add up to 1.0000000000000002).
 EPSILON = 1e-9
 
@@ -118,6 +126,40 @@ def available_cores(
     return max(cores, 0.1)
 
 
+class IdleCpu:
+    """The idle share (0..1) of the cores this process may use, from /proc/stat's per-core
+    lines, since the previous call; 1.0 the first time and where /proc/stat is missing."""
+
+    def __init__(self, path: Path = Path("/proc/stat")) -> None:
+        self._path = path
+        try:
+            self._cores = {f"cpu{core}" for core in os.sched_getaffinity(0)}
+        except AttributeError:
+            self._cores = set()
+        self._last: tuple[int, int] | None = None
+
+    def _read(self) -> tuple[int, int] | None:
+        idle = total = 0
+        try:
+            lines = self._path.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            name, *values = line.split()
+            if name in self._cores or (not self._cores and name == "cpu"):
+                ticks = [int(value) for value in values[:8]]
+                idle += ticks[3] + ticks[4]  # idle + iowait
+                total += sum(ticks)
+        return (idle, total) if total else None
+
+    def __call__(self) -> float:
+        reading = self._read()
+        last, self._last = self._last, reading
+        if reading is None or last is None or reading[1] <= last[1]:
+            return 1.0
+        return (reading[0] - last[0]) / (reading[1] - last[1])
+
+
 @dataclass(slots=True)
 class _Seen:
     frames_in: int
@@ -137,6 +179,7 @@ class Capacity:
         cores: float | None = None,
         clock: Clock = time.monotonic,
         cpu_time: Clock = time.process_time,
+        idle: Clock | None = None,
         default_cost: float = DEFAULT_COST,
     ) -> None:
         self.configured = dict(configured or {})
@@ -147,6 +190,7 @@ class Capacity:
         self.default_cost = default_cost
         self._clock = clock
         self._cpu_time = cpu_time
+        self._idle = idle if idle is not None else IdleCpu()
         self._last: tuple[float, float] | None = None  # (when, process CPU seconds)
         self._seen: dict[str, _Seen] = {}
         #: Measured cores per session at full rate, by model (running means).
@@ -168,6 +212,7 @@ class Capacity:
     def sample(self, sessions: Iterable[Running]) -> None:
         """Read the process's CPU and each session's frames since the last reading."""
         now, cpu = self._clock(), self._cpu_time()
+        starved = self._idle() < SPARE_AT
         last, self._last = self._last, (now, cpu)
         sessions = list(sessions)
         seen: dict[str, _Seen] = {}
@@ -182,8 +227,10 @@ class Capacity:
             came = pipeline.frames_in - before.frames_in
             done = pipeline.frames_out - before.frames_out
             processed[session.spec.name] = processed.get(session.spec.name, 0) + done
-            could = min(float(came), session.spec.fps * (now - last[0]))
-            if could >= MIN_EXPECTED:
+            rate = session.spec.fps * (now - last[0])
+            could = rate if starved else min(float(came), rate)
+            # judged only over a whole reading of streaming: not while it starts or pauses
+            if before.frames_in > 0 and came > 0 and could >= MIN_EXPECTED:
                 share = min(1.0, done / could)
                 now_seen.share = _mean(before.share, share)
         self._seen = seen
