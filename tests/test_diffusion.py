@@ -25,6 +25,7 @@ from livemorph import create_client, models
 from livemorph.engines.base import Controls, EngineRefused
 from livemorph.engines.diffusion import DiffusionLoadError, DiffusionOptions, require_runtime
 from livemorph.engines.registry import EngineRegistry
+from livemorph.media.frames import yuv_planes
 from livemorph.models import CATALOG
 from livemorph.testing import LiveServer, serve
 from tests.media import CLOCK_RATE, FrameSink, mean_abs_diff, photo
@@ -38,7 +39,7 @@ if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("to
 
 import torch
 
-from livemorph.engines.diffusion.engine import Batcher
+from livemorph.engines.diffusion.engine import Batcher, yuv420
 from tests.tiny_diffusion import build_tiny_ip_adapter, build_tiny_pipeline, build_tiny_taesd
 
 SPEC = CATALOG["mirage"]
@@ -275,6 +276,18 @@ def test_tiny_autoencoder_residual_cfg_and_sequential_steps(weights) -> None:
         assert first.shape == (SPEC.height, SPEC.width, 3) and first.std() > 1
         session.close()
         registry.close()
+
+
+def test_output_planes_made_on_a_device_match_swscale() -> None:
+    """On a GPU the output's yuv420p planes are made there (on the CPU, swscale's are):
+    the same BT.601 conversion, within rounding and swscale's chroma filter."""
+    rgb = photo(1280, 704)
+    reference = yuv_planes(VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p"))
+    planes = yuv420(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float())
+    for ours, theirs in zip(planes, reference, strict=True):
+        assert ours.shape == theirs.shape
+        assert mean_abs_diff(ours, theirs) < 0.2
+        assert np.abs(ours.astype(np.int16) - theirs).max() <= 4
 
 
 # -- through a real server -----------------------------------------------------------------
