@@ -354,4 +354,39 @@ async def test_a_session_past_the_configured_capacity_is_refused_and_the_first_s
             message = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert message["type"] == "session_id", message
         assert "at capacity for mirage" in server.log
+        exposition = (await asyncio.to_thread(httpx.get, f"{server.base_url}/metrics")).text
+        assert 'livemorph_capacity_sessions{model="mirage",source="configured"} 1.0' in exposition
+        assert 'source="estimated"' in exposition, "the other models are estimated"
         assert "Traceback" not in server.log
+
+
+async def test_a_node_whose_session_is_below_its_rate_refuses_the_next(tmp_path: Path) -> None:
+    """Estimated, not configured: the `sleep` engine takes 100 ms a frame, so the one
+    session gets 10 of mirage's 25 fps, and the node takes no second one."""
+    flags = ("--engine", "sleep:100", "--capacity", "auto")
+    with serve(tmp_path, *flags) as server:
+        url = f"{server.ws_url}/v1/stream?api_key={server.api_key}&model=mirage"
+        async with create_client(api_key=server.api_key, base_url=server.base_url) as client:
+            rt = await client.realtime.connect(SceneTrack(320, 176), model="mirage")
+            output = FrameSink(rt.video_track)
+            try:
+                await output.fresh()
+                refused: tuple[str, int | None] | None = None
+                async with asyncio.timeout(30):
+                    while refused is None:  # admitted until the readings show it behind
+                        async with connect(url) as ws:
+                            message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                            if message["type"] == "error":
+                                with pytest.raises(ConnectionClosed) as closed:
+                                    await asyncio.wait_for(ws.recv(), 10)
+                                code = closed.value.rcvd.code if closed.value.rcvd else None
+                                refused = (message["error"], code)
+                        await asyncio.sleep(0.5)
+                assert refused == (AT_CAPACITY, CLOSE_TRY_AGAIN_LATER)
+                before = output.count
+                await eventually(lambda: output.count > before + 5)
+                assert rt.is_connected()
+            finally:
+                await output.close()
+                await rt.disconnect()
+        assert "below their frame rate" in server.log

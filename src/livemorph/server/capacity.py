@@ -56,13 +56,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from ..config import Settings, capacity_counts
-from ..models import ModelSpec
+from ..models import CATALOG, ModelSpec
 from .limits import AT_CAPACITY
 
 logger = logging.getLogger(__name__)
@@ -314,8 +317,45 @@ class Capacity:
         return AT_CAPACITY
 
 
+class CapacityMetrics(Collector):
+    """`/metrics`' view of it, read at scrape time: the share of the node taken, how many
+    sessions of each model the node takes, and the measured costs."""
+
+    def __init__(self, capacity: Capacity, sessions: Callable[[], Iterable[Running]]) -> None:
+        self._capacity = capacity
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = self._capacity
+        load = GaugeMetricFamily(
+            "livemorph_capacity_load",
+            "Share of this node its sessions take (1: full; admission by capacity)",
+        )
+        load.add_metric([], capacity.load(self._sessions()))
+        yield load
+        sessions = GaugeMetricFamily(
+            "livemorph_capacity_sessions",
+            "Sessions of each model this node takes, alone: configured or estimated",
+            labels=["model", "source"],
+        )
+        for model in CATALOG:
+            count = capacity.sessions_of(model)
+            if count is not None:
+                source = "configured" if model in capacity.configured else "estimated"
+                sessions.add_metric([model, source], count)
+        yield sessions
+        costs = GaugeMetricFamily(
+            "livemorph_capacity_cost_cores",
+            "Measured CPU cores one session of a model takes at its frame rate",
+            labels=["model"],
+        )
+        for model, cost in sorted(capacity.costs.items()):
+            costs.add_metric([model], cost)
+        yield costs
+
+
 def _mean(previous: float | None, value: float) -> float:
     return value if previous is None else previous + SMOOTHING * (value - previous)
 
 
-__all__ = ["BEHIND_AT", "DEFAULT_COST", "Capacity", "available_cores"]
+__all__ = ["BEHIND_AT", "DEFAULT_COST", "Capacity", "CapacityMetrics", "available_cores"]

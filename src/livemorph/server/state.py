@@ -15,7 +15,7 @@ from ..sessions import SessionRegistry
 from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
 from ..storage.store import WallClock, utcnow
-from .capacity import Capacity
+from .capacity import Capacity, CapacityMetrics
 from .limits import Clock, Limits
 from .metrics import Metrics
 
@@ -54,6 +54,9 @@ class AppState:
         engines = EngineRegistry(settings.engine)
         sessions = SessionRegistry(max_sessions=settings.max_sessions or None)
         metrics = Metrics(sessions, engines)
+        capacity = Capacity.from_settings(settings)
+        if capacity.on:
+            metrics.registry.register(CapacityMetrics(capacity, sessions.all))
         return cls(
             settings=settings,
             store=store,
@@ -67,7 +70,7 @@ class AppState:
             meter=StoreMeter(store, on_recorded=metrics.usage_recorded),
             limits=Limits.from_settings(settings, monotonic_clock),
             metrics=metrics,
-            capacity=Capacity.from_settings(settings),
+            capacity=capacity,
         )
 
     async def open(self) -> None:
