@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from livemorph.testing import LiveServer, serve
 from tests.postgres import PostgresServer, postgres_server
+
+#: Admission by capacity (server/capacity.py) refuses new sessions while a node's sessions
+#: are short of frames; the suite's servers share a busy 2-core machine with their clients
+#: (so they are short often) and open sessions that never stream beside ones that do. It is
+#: off for the servers `livemorph.testing.serve` starts unless a test asks for it
+#: (`--capacity` wins over the variable): tests/test_capacity.py does.
+os.environ.setdefault("LIVEMORPH_CAPACITY", "off")
 
 
 @pytest.fixture(scope="session", autouse=True)

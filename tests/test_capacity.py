@@ -5,12 +5,15 @@ while the first keeps streaming."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from aiortc import RTCPeerConnection
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -42,6 +45,7 @@ class FakeSession:
     spec: ModelSpec
     id: str = field(default_factory=lambda: f"s{next(_ids)}")
     pipeline: FakePipeline = field(default_factory=FakePipeline)
+    pc: object | None = None  # set once its offer is answered
 
     def stream(self, seconds: float, fps: float | None = None, got: float = 1.0) -> None:
         """`seconds` of camera frames at `fps` (the model's), `got` of them processed."""
@@ -76,6 +80,15 @@ class Node:
         session = FakeSession(spec)
         self.sessions.append(session)
         return session
+
+    def offer(self, session: FakeSession) -> bool:
+        """The offer's check, as stream.py makes it: the others, without this session."""
+        others = [other for other in self.sessions if other is not session]
+        if self.capacity.refuse(session.spec, others) is not None:
+            self.sessions.remove(session)
+            return False
+        session.pc = object()
+        return True
 
     def run(self, seconds: float, cores_used: float, got: float = 1.0) -> None:
         """Every session streams for `seconds` while the process uses `cores_used`."""
@@ -153,6 +166,17 @@ def test_before_any_measurement_a_session_counts_as_the_default_cost() -> None:
         session.stream(0.2)  # every one has camera frames now, none measured
     assert node.capacity.refuse(MIRAGE, node.sessions) == AT_CAPACITY
     assert node.capacity.refuse(AVATAR, node.sessions) == AT_CAPACITY
+
+
+def test_a_crowd_that_connects_at_once_is_sorted_out_at_the_offer() -> None:
+    node = Node(cores=2.0)
+    crowd = [node.admit(MIRAGE) for _ in range(4)]
+    assert all(crowd), "no session has media yet: each is let in to negotiate"
+    offered = [node.offer(session) for session in crowd if session]
+    assert offered == [True, True, False, False], "two unmeasured sessions fit two cores"
+    node.run(3, cores_used=0.8)  # measured: 0.4 of a core each
+    late = node.admit(MIRAGE)
+    assert late and node.offer(late), "a third fits once the two are measured"
 
 
 def test_an_empty_node_takes_a_session_even_one_it_cannot_serve_at_rate() -> None:
@@ -390,3 +414,39 @@ async def test_a_node_whose_session_is_below_its_rate_refuses_the_next(tmp_path:
                 await output.close()
                 await rt.disconnect()
         assert "below their frame rate" in server.log
+
+
+async def test_sessions_that_connect_at_once_are_sorted_out_at_their_offers(
+    tmp_path: Path,
+) -> None:
+    """Sessions count once their offer is answered, so a crowd connecting together is let
+    in and the offers past the capacity are refused: with nothing measured (no media ever
+    flows here), a session counts as DEFAULT_COST cores."""
+    fits = math.floor(available_cores() / DEFAULT_COST)
+    offerer = RTCPeerConnection()
+    offerer.addTrack(SceneTrack(320, 176))
+    await offerer.setLocalDescription(await offerer.createOffer())
+    offer = json.dumps({"type": "offer", "sdp": offerer.localDescription.sdp})
+    flags = ("--engine", "passthrough", "--capacity", "auto")
+    try:
+        with serve(tmp_path, *flags) as server:
+            url = f"{server.ws_url}/v1/stream?api_key={server.api_key}&model=mirage"
+            async with contextlib.AsyncExitStack() as stack:
+                crowd = [await stack.enter_async_context(connect(url)) for _ in range(fits + 1)]
+                for ws in crowd:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert message["type"] == "session_id", "all are let in to negotiate"
+                for ws in crowd[:fits]:
+                    await ws.send(offer)
+                    answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert answer["type"] == "answer", answer
+                last = crowd[fits]
+                await last.send(offer)
+                message = json.loads(await asyncio.wait_for(last.recv(), 10))
+                assert message == {"type": "error", "error": AT_CAPACITY}
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(last.recv(), 10)
+                assert closed.value.rcvd and closed.value.rcvd.code == CLOSE_TRY_AGAIN_LATER
+            assert await asyncio.to_thread(at_capacity_refusals, server) == 1
+    finally:
+        await offerer.close()

@@ -272,7 +272,7 @@ class Capacity:
         model = session.spec.name
         if model in self.configured:
             return self.share(model)  # counted from admission, as a count of sessions is
-        return self.share(model) if session.pipeline.frames_in > 0 else 0.0
+        return self.share(model) if _has_media(session) else 0.0
 
     def load(self, sessions: Iterable[Running]) -> float:
         """The share of the node its sessions take now (1.0: full)."""
@@ -352,6 +352,11 @@ class CapacityMetrics(Collector):
         for model, cost in sorted(capacity.costs.items()):
             costs.add_metric([model], cost)
         yield costs
+
+
+def _has_media(session: Running) -> bool:
+    """Whether a session has negotiated media (its offer answered) or has camera frames."""
+    return session.pipeline.frames_in > 0 or getattr(session, "pc", None) is not None
 
 
 def _mean(previous: float | None, value: float) -> float:

@@ -49,6 +49,7 @@ from ..sessions.pipeline import SessionClosedError
 from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
 from .limits import TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
+    AT_CAPACITY_REASON,
     CREDITS_REASON,
     INVALID_KEY_REASON,
     MODERATION_REASON,
@@ -232,7 +233,15 @@ async def stream(ws: WebSocket) -> None:
     try:
         await state.meter.begin(session)
         await channel.send(SessionId(session.id, ip, port))
-        await _until_either(channel, _publisher_loop(channel, session), session.ended)
+
+        # The offer is checked again: sessions count once they negotiate media, so a crowd
+        # that connected at once is sorted out there (server/capacity.py).
+        def media_refusal() -> str | None:
+            others = [s for s in state.sessions.all() if s is not session]
+            return state.capacity.refuse(spec, others)
+
+        loop = _publisher_loop(channel, session, media_refusal)
+        await _until_either(channel, loop, session.ended)
     finally:
         await session.close(notify=False)
         state.sessions.remove(session)
@@ -263,7 +272,11 @@ async def _until_either(
         await channel.close(CLOSE_INTERNAL_ERROR)
 
 
-async def _publisher_loop(channel: Channel, session: Session) -> None:
+async def _publisher_loop(
+    channel: Channel,
+    session: Session,
+    media_refusal: Callable[[], str | None] = lambda: None,
+) -> None:
     async for frame in channel.messages():
         try:
             message = await channel.receive(frame)
@@ -272,6 +285,10 @@ async def _publisher_loop(channel: Channel, session: Session) -> None:
             elif isinstance(message, SetImage):
                 await channel.send(await _set_image(channel, session, message))
             elif isinstance(message, Offer):
+                if session.pc is None and (refused := media_refusal()):
+                    channel.refused(AT_CAPACITY_REASON)
+                    await channel.fatal(refused, CLOSE_TRY_AGAIN_LATER)
+                    return
                 await channel.send(Answer(await _answer(session.accept_offer, message.sdp)))
             else:
                 await _add_candidate(session.add_ice_candidate, message)
