@@ -17,12 +17,14 @@ when its share would not fit beside the others':
   event loop), not the engine's alone: on the 2-core bench machine the neural engine's own
   frame time was 23.6 ms of 40 while decoding and encoding took most of the rest. A second
   in which sessions of several models ran says nothing about one model alone, so it only
-  updates the node's behind check below. Estimates are running means (`SMOOTHING`) and
-  count only sessions with camera frames: a session that has not begun to stream costs
-  nothing yet. Before a model has been measured on this node, its session counts as
-  `DEFAULT_COST` cores: one `mirage` session on the neural engine used 0.88-0.94 of a core
-  on the bench machine (README), the most of any CPU engine measured, so a 2-core node
-  takes two unmeasured sessions, which is what it served at rate there (23.2 and 24.6 fps).
+  updates the node's behind check below. Estimates are running means (`SMOOTHING`).
+  A session counts once its offer has been answered (or it has camera frames): one that has
+  not negotiated media costs nothing yet, and the offer is checked again (stream.py), so
+  sessions that connect at the same moment are let in and sorted out at their offers.
+  Before a model has been measured on this node, its session counts as `DEFAULT_COST`
+  cores: one `mirage` session on the neural engine used 0.88-0.94 of a core on the bench
+  machine (README), the most of any CPU engine measured, so a 2-core node takes two
+  unmeasured sessions, which is what it served at rate there (23.2 and 24.6 fps).
 - **Behind**: whatever the figures say, a node one of whose sessions is getting under
   `BEHIND_AT` of the frames it could takes no new session until it recovers: that session
   is short of CPU (or GPU) already. What it could is its camera's decoded frames (at most
