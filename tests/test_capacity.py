@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from livemorph import create_client
+from livemorph import LivemorphError, RetryPolicy, create_client
 from livemorph.cli import build_parser, settings_from_args
 from livemorph.config import Settings, capacity_counts
 from livemorph.models import CATALOG, ModelSpec
@@ -447,6 +447,18 @@ async def test_sessions_that_connect_at_once_are_sorted_out_at_their_offers(
                 with pytest.raises(ConnectionClosed) as closed:
                     await asyncio.wait_for(last.recv(), 10)
                 assert closed.value.rcvd and closed.value.rcvd.code == CLOSE_TRY_AGAIN_LATER
-            assert await asyncio.to_thread(at_capacity_refusals, server) == 1
+                async with create_client(
+                    api_key=server.api_key, base_url=server.base_url
+                ) as client:
+                    with pytest.raises(LivemorphError) as error:
+                        await client.realtime.connect(
+                            SceneTrack(320, 176),
+                            model="mirage",
+                            retry=RetryPolicy(attempts=2, base_delay=0.1),
+                        )
+                assert "capacity" in error.value.message and not error.value.permanent
+            assert await asyncio.to_thread(at_capacity_refusals, server) == 3, (
+                "the SDK took the refusal of its offer as transient and tried again"
+            )
     finally:
         await offerer.close()
