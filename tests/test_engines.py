@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 import numpy as np
+import pytest
 from av import VideoFrame
 
 from livemorph.engines.base import Controls
 from livemorph.engines.grade import Grade, GradeEngine
 from livemorph.engines.passthrough import PassthroughEngine
-from livemorph.engines.registry import EngineRegistry
+from livemorph.engines.registry import EngineRegistry, parse_model_engines
 from livemorph.models import CATALOG, UnknownModelError
+from livemorph.testing import free_port, serve
 from tests.media import mean_abs_diff, photo
 
 SPEC = CATALOG["mirage"]
@@ -94,3 +102,62 @@ def test_engine_specs_with_an_argument() -> None:
         raise AssertionError("unknown engines are refused at start")
     except ValueError as exc:
         assert "unknown engine" in str(exc)
+
+
+def test_each_model_may_name_its_own_engine() -> None:
+    chosen = parse_model_engines("mirage=sleep:30; mirage_v2=sleep:30 ;live_avatar=meter;")
+    assert chosen == {"mirage": "sleep:30", "mirage_v2": "sleep:30", "live_avatar": "meter"}
+    registry = EngineRegistry("grade", chosen)
+    assert registry.engine_name("mirage") == "sleep", "a model's own engine comes first"
+    assert registry.engine_name("lucy_2_rt") == "grade", "then --engine"
+    assert registry.engine_name("live_avatar") == "meter"
+    mirage, v2 = registry.resolve("mirage")[1], registry.resolve("mirage_v2")[1]
+    assert mirage is v2, "models given one spec share one loaded engine"
+    # a spec keeps its own commas, colons and equals signs
+    assert parse_model_engines("mirage=neural:size=320x176,faces=0") == {
+        "mirage": "neural:size=320x176,faces=0"
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("mirage", "'mirage' is not MODEL=ENGINE"),
+        ("mirage=", "'mirage=' is not MODEL=ENGINE"),
+        ("mirag=grade", "no model 'mirag'"),
+        ("mirage=grade;mirage=passthrough", "mirage is named twice"),
+    ],
+)
+def test_bad_model_engines_are_refused_by_name(text: str, said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        parse_model_engines(text)
+
+
+def test_a_model_cannot_be_given_an_engine_of_the_other_kind() -> None:
+    with pytest.raises(ValueError, match="mirage cannot use meter: it listens to audio"):
+        EngineRegistry(None, {"mirage": "meter"})
+    with pytest.raises(ValueError, match="live_avatar cannot use grade: it transforms a camera"):
+        EngineRegistry(None, {"live_avatar": "grade"})
+    with pytest.raises(ValueError, match="unknown engine 'warp'"):
+        EngineRegistry(None, {"mirage": "warp"})
+
+
+def test_serve_gives_each_model_its_engine_and_refuses_a_bad_choice(tmp_path: Path) -> None:
+    with serve(tmp_path / "ok", "--model-engines", "mirage=grade;mirage_v2=passthrough") as live:
+        models = {m["name"]: m["engine"] for m in httpx.get(f"{live.base_url}/v1/models").json()}
+    assert models["mirage"] == "grade" and models["mirage_v2"] == "passthrough"
+    assert models["lucy_2_rt"] == "neural"
+    refused = subprocess.run(
+        [
+            *(sys.executable, "-m", "livemorph.cli", "serve", "--data-dir", str(tmp_path / "bad")),
+            *("--port", str(free_port()), "--model-engines", "mirage=meter"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "livemorph: --model-engines: mirage cannot use meter: it listens to audio"
+    ), "one line, before anything is made"
+    assert not (tmp_path / "bad").exists()

@@ -60,13 +60,15 @@ def _cmd_serve(settings: Settings) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from .engines.registry import EngineRegistry, parse_model_engines
     from .server import GracefulServer, create_app
     from .server.tls import TlsError, tls_files
 
     configure_logging(settings.log_level, settings.log_format)
-    try:  # before anything is made or started: bad TLS settings stop it in one line
+    try:  # before anything is made or started: bad TLS or engine settings stop it in one line
         tls = tls_files(settings)
-    except TlsError as exc:
+        EngineRegistry(settings.engine, parse_model_engines(settings.model_engines))
+    except (TlsError, ValueError) as exc:
         print(f"livemorph: {exc}", file=sys.stderr)
         return 2
     if tls is not None:
@@ -89,10 +91,10 @@ def _cmd_serve(settings: Settings) -> int:
             flush=True,
         )
     app = create_app(settings)
-    try:  # a forced engine loads now: a missing extra or bad weights stop the start, said plainly
+    try:  # chosen engines load now: a missing extra or bad weights stop the start, said plainly
         app.state.livemorph.engines.preload()
     except Exception as exc:
-        print(f"livemorph: the engine {settings.engine} cannot start: {exc}", file=sys.stderr)
+        print(f"livemorph: an engine cannot start: {exc}", file=sys.stderr)
         return 1
     config = uvicorn.Config(
         app,

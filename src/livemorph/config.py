@@ -216,6 +216,16 @@ class Settings:
             shown="each model's own",
         ),
     )
+    model_engines: str | None = field(
+        default=None,
+        metadata=about(
+            "the engine of each model named, before --engine and the defaults: "
+            "'mirage=diffusion:model=DIR;mirage_v2=diffusion:model=DIR' (a spec may hold "
+            "commas; entries are separated by ';', and models given one spec share it)",
+            metavar="MODEL=ENGINE;...",
+            shown="none",
+        ),
+    )
     engine_threads: int = field(
         default_factory=lambda: os.cpu_count() or 2,
         metadata=about(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..models import AVATAR, CATALOG, ModelSpec, UnknownModelError
 from .base import Engine
@@ -72,14 +72,48 @@ class ModelNotAvailable(LookupError):
         super().__init__(f"model not available on this server: {name}")
 
 
-class EngineRegistry:
-    """Maps model names to loaded engines; `override` forces one engine for all models."""
+def parse_model_engines(text: str | None) -> dict[str, str]:
+    """`--model-engines` read: `MODEL=SPEC` entries separated by `;` (a spec may hold `,`,
+    `:` and `=` of its own: `mirage=diffusion:model=DIR,steps=2`). ValueError names what is
+    wrong: an entry without `=`, a model not in the catalog, a model named twice."""
+    chosen: dict[str, str] = {}
+    for entry in (text or "").split(";"):
+        if not entry.strip():
+            continue
+        model, sep, spec = entry.strip().partition("=")
+        model, spec = model.strip(), spec.strip()
+        if not sep or not spec:
+            raise ValueError(f"--model-engines: {entry.strip()!r} is not MODEL=ENGINE")
+        if model not in CATALOG:
+            raise ValueError(f"--model-engines: no model {model!r} (models: {', '.join(CATALOG)})")
+        if model in chosen:
+            raise ValueError(f"--model-engines: {model} is named twice")
+        chosen[model] = spec
+    return chosen
 
-    def __init__(self, override: str | None = None) -> None:
-        if override is not None and override.partition(":")[0] not in ENGINE_FACTORIES:
-            known = ", ".join(sorted(ENGINE_FACTORIES))
-            raise ValueError(f"unknown engine {override!r} (known: {known})")
-        self._override = override
+
+def _check_spec(spec: str) -> str:
+    if spec.partition(":")[0] not in ENGINE_FACTORIES:
+        known = ", ".join(sorted(ENGINE_FACTORIES))
+        raise ValueError(f"unknown engine {spec!r} (known: {known})")
+    return spec
+
+
+class EngineRegistry:
+    """Maps model names to loaded engines: a model's own engine (`per_model`, from
+    `--model-engines`) first, then `override` (`--engine`) on the models of its kind, then
+    the model's default. Models given the same spec share one loaded engine."""
+
+    def __init__(
+        self, override: str | None = None, per_model: Mapping[str, str] | None = None
+    ) -> None:
+        self._override = None if override is None else _check_spec(override)
+        self._per_model = {model: _check_spec(spec) for model, spec in (per_model or {}).items()}
+        for model, spec in self._per_model.items():
+            listening = spec.partition(":")[0] in LISTENING_ENGINES
+            if listening != (CATALOG[model].kind == AVATAR):
+                kind = "listens to audio" if listening else "transforms a camera"
+                raise ValueError(f"--model-engines: {model} cannot use {spec}: it {kind}")
         self._loaded: dict[str, Engine] = {}
 
     def engine_name(self, model: str) -> str | None:
@@ -91,6 +125,8 @@ class EngineRegistry:
     def _engine_spec(self, model: str) -> str | None:
         if model not in CATALOG:
             raise UnknownModelError(model)
+        if model in self._per_model:
+            return self._per_model[model]
         default = DEFAULT_ENGINES.get(model)
         if default is None:
             return None
@@ -113,14 +149,14 @@ class EngineRegistry:
         return CATALOG[model], engine
 
     def preload(self) -> None:
-        """Load the engine forced with `override` now, so that a missing extra or a broken
-        model folder stops the server at start with the engine's own message, instead of
-        failing its first session. Loads nothing without an override."""
-        if self._override is None:
-            return
-        model = next((name for name in CATALOG if self._engine_spec(name) == self._override), None)
-        if model is not None:
-            self.resolve(model)
+        """Load the engines chosen on the command line (`override`, `per_model`) now, so that
+        a missing extra or a broken model folder stops the server at start with the engine's
+        own message, instead of failing its first session. Defaults load on first use."""
+        chosen = {*self._per_model.values(), *([self._override] if self._override else [])}
+        for spec in chosen:
+            model = next((name for name in CATALOG if self._engine_spec(name) == spec), None)
+            if model is not None:
+                self.resolve(model)
 
     def close(self) -> None:
         for engine in self._loaded.values():

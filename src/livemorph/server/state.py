@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..engines import EngineRegistry
+from ..engines.registry import parse_model_engines
 from ..policy import EngineEnhancer, Enhancer, Moderator, PolicyModerator, policy_from_settings
 from ..sessions import SessionRegistry
 from ..sessions.metering import Meter, StoreMeter, Unmetered
@@ -51,7 +52,7 @@ class AppState:
             else Store.in_data_dir(settings.data_dir, wall_clock)
         )
         moderator, enhancer = policy_from_settings(settings)
-        engines = EngineRegistry(settings.engine)
+        engines = EngineRegistry(settings.engine, parse_model_engines(settings.model_engines))
         sessions = SessionRegistry(max_sessions=settings.max_sessions or None)
         metrics = Metrics(sessions, engines)
         capacity = Capacity.from_settings(settings)
