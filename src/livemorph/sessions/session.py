@@ -314,6 +314,16 @@ class Session:
             await self.pc.close()
         self.ended.set()
         logger.info("session %s ended (%s) after %ss", self.id, reason, self.seconds)
+        if (encoder := self.video_encoder) is not None and encoder.encodes:
+            logger.info(
+                "session %s: %d frames encoded, %d sent by its senders (%d keyframes, "
+                "%d frames skipped waiting for one)",
+                self.id,
+                encoder.encodes,
+                encoder.deliveries,
+                encoder.keyframes,
+                encoder.skips,
+            )
 
 
 class Viewer:
