@@ -144,7 +144,7 @@ def test_a_frame_older_than_the_last_encoded_is_skipped_not_encoded() -> None:
     assert shared.encodes == 2
 
 
-def test_the_bitrate_is_the_lowest_live_target_and_holds_between_changes(monkeypatch) -> None:
+def test_the_bitrate_is_the_lowest_reported_target_and_holds_between_changes(monkeypatch) -> None:
     opened: list[int] = []
     real = shared_module.RealtimeVp8Encoder.encode
 
@@ -157,10 +157,11 @@ def test_the_bitrate_is_the_lowest_live_target_and_holds_between_changes(monkeyp
 
     monkeypatch.setattr(shared_module.RealtimeVp8Encoder, "encode", spy)
     shared = SharedVp8Encoder()
-    high, low = shared.attach(), shared.attach()
+    high, low, silent = shared.attach(), shared.attach(), shared.attach()
     high.target_bitrate, low.target_bitrate = 1_200_000, 600_000
     high.encode(frame(0))
-    assert shared.target_bitrate == 600_000
+    assert shared.target_bitrate == 600_000, "a sender without a REMB report yet does not count"
+    assert not silent.reported and silent.target_bitrate < 600_000
     low.target_bitrate = 300_000
     high.encode(frame(1))
     assert shared.target_bitrate == 600_000, "held: a change at most every BITRATE_HOLD"

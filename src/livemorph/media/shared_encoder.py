@@ -19,11 +19,16 @@ for one: the next frame anybody encodes is a keyframe, for all. A keyframe reque
 asking at once cost one keyframe.
 
 Bitrate: each sender keeps the target its receiver's REMB estimates set, as with aiortc's
-own encoder; the shared one encodes at the lowest target of the senders still attached (a
-viewer on a poor link lowers the picture for all: a single encode cannot serve two rates),
-and changes it at most every `BITRATE_HOLD` seconds. A change over 10% rebuilds the codec,
-as aiortc's rule is, and a rebuilt codec starts with a keyframe, so several viewers ramping
-their estimates up at once must not rebuild it on every report.
+own encoder; the shared one encodes at the lowest target of the senders still attached that
+have had a report (a viewer on a poor link lowers the picture for all: one encode cannot
+serve two rates), and changes it at most every `BITRATE_HOLD` seconds. A change over 10%
+rebuilds the codec, as aiortc's rule is (libvpx through PyAV ignores a new bit_rate once
+open), and a rebuilt codec starts with a keyframe, so several viewers' estimates moving at
+once must not rebuild it on every report. A sender's target before its first report is
+aiortc's starting guess (500 kbit/s), not an estimate: counted, it pulled the encoder down
+to that on every join (measured: from 0.75 Mbit/s to 0.5, and 16 s to climb back, with a
+keyframe every 2-4 s); a new viewer's first estimate is taken from what it receives, so it
+starts near the rate the others get.
 
 Threads: aiortc's senders call `encode` in the loop's default executor. The encode runs
 under a lock; a sender asking for a frame being encoded waits for it on that lock.
@@ -84,6 +89,9 @@ class SenderEncoder(Encoder):
     def __init__(self, shared: SharedVp8Encoder) -> None:
         self.shared = shared
         self._target_bitrate = vpx.DEFAULT_BITRATE
+        #: Whether a REMB report set the target: until then it is aiortc's starting guess,
+        #: not this receiver's estimate, and must not pull the others down.
+        self.reported = False
         #: The index of the last encoded frame this sender got; None before the first.
         self.last_index: int | None = None
         #: Whether this sender's receiver can decode the next delta frame.
@@ -96,6 +104,7 @@ class SenderEncoder(Encoder):
     @target_bitrate.setter
     def target_bitrate(self, bitrate: int) -> None:
         self._target_bitrate = max(vpx.MIN_BITRATE, min(bitrate, vpx.MAX_BITRATE))
+        self.reported = True
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         return self.shared.encode_for(self, frame, force_keyframe)
@@ -198,7 +207,7 @@ class SharedVp8Encoder:
 
     def _follow_bitrate(self) -> None:
         with self._handles_lock:
-            targets = [handle.target_bitrate for handle in self._handles]
+            targets = [handle.target_bitrate for handle in self._handles if handle.reported]
         if not targets:
             return
         lowest = min(targets)
