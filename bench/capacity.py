@@ -11,7 +11,8 @@ take the node's CPU. Client i connects `--stagger` seconds after client i-1 with
 at the model's size and rate (a moving picture with noise, so the encoder works as it does
 on a real camera), without retrying a refusal; once all have tried, each admitted one
 counts its output frames for `--seconds`. Prints per run: admitted and refused, each
-admitted client's fps, the server's CPU, and the capacity lines of its log.
+admitted client's fps, the server's CPU, the model's measured cost and the sessions it
+allows (`/metrics`), and the capacity lines of its log.
 """
 
 from __future__ import annotations
@@ -158,6 +159,12 @@ async def run(server: LiveServer, args: argparse.Namespace) -> None:
             (counter.count - before) / elapsed
             for (_, _, counter), before in zip(admitted, counts, strict=True)
         ]
+        estimates = [
+            line
+            for line in httpx.get(f"{server.base_url}/metrics").text.splitlines()
+            if line.startswith(("livemorph_capacity_cost_cores{", "livemorph_capacity_sessions{"))
+            and f'model="{args.model}"' in line
+        ]
         for _, rt, counter in admitted:
             await counter.close()
             await rt.disconnect()  # type: ignore[attr-defined]
@@ -169,6 +176,8 @@ async def run(server: LiveServer, args: argparse.Namespace) -> None:
     for (index, _, _), rate in zip(admitted, rates, strict=True):
         print(f"      client {index}: {rate:5.1f} fps of {spec.fps}", flush=True)
     print(f"      server CPU {server_cpu:.2f} cores over the last {elapsed:.0f} s", flush=True)
+    for line in estimates:
+        print(f"      {line}", flush=True)
     for line in server.log.splitlines():
         if "at capacity for" in line:
             print("      " + line.split(": ", 1)[-1][:140], flush=True)

@@ -90,8 +90,11 @@ class Node:
         session.pc = object()
         return True
 
-    def run(self, seconds: float, cores_used: float, got: float = 1.0) -> None:
-        """Every session streams for `seconds` while the process uses `cores_used`."""
+    def run(self, seconds: float, cores_used: float, got: float = 1.0, others: float = 0.0) -> None:
+        """Every session streams for `seconds` while the process uses `cores_used` and
+        other processes `others`."""
+        cores = self.capacity.cores
+        self.idle = max(0.0, cores - cores_used - others) / cores
         for _ in range(round(seconds)):
             for session in self.sessions:
                 session.stream(1.0, got=got)
@@ -138,10 +141,23 @@ def test_measured_cost_decides_how_many_fit() -> None:
     assert why and "45%" in why and "90%" in why
 
 
+def test_what_other_processes_take_is_not_the_nodes() -> None:
+    node = Node(cores=2.0)
+    assert node.admit(MIRAGE)
+    node.run(15, cores_used=0.9, others=0.5)
+    assert node.capacity.budget == pytest.approx(1.5, abs=0.01)
+    assert node.capacity.sessions_of("mirage") == 1, "0.9 + 0.9 cores > the 1.5 left"
+    assert node.admit(MIRAGE) is None
+    node.run(15, cores_used=0.9)
+    assert node.capacity.budget == pytest.approx(2.0, abs=0.01)
+    assert node.admit(MIRAGE), "the others have gone: room for a second"
+
+
 def test_a_cheap_model_fits_many_and_the_cost_is_per_frame_not_per_second() -> None:
     node = Node(cores=2.0)
     assert node.admit(MIRAGE)
     # a camera at 10 fps: 0.08 of a core for 10 frames is 0.2 at the model's 25
+    node.idle = 0.96  # the process's 0.08 of the 2 cores busy, nothing else
     for _ in range(5):
         node.sessions[0].stream(1.0, fps=10)
         node.cpu += 0.08
@@ -413,7 +429,7 @@ async def test_a_node_whose_session_is_below_its_rate_refuses_the_next(tmp_path:
             finally:
                 await output.close()
                 await rt.disconnect()
-        assert "below their frame rate" in server.log
+        assert "at capacity for mirage" in server.log
 
 
 async def test_sessions_that_connect_at_once_are_sorted_out_at_their_offers(
@@ -421,7 +437,7 @@ async def test_sessions_that_connect_at_once_are_sorted_out_at_their_offers(
 ) -> None:
     """Sessions count once their offer is answered, so a crowd connecting together is let
     in and the offers past the capacity are refused: with nothing measured (no media ever
-    flows here), a session counts as DEFAULT_COST cores."""
+    flows here), a session counts as DEFAULT_COST cores of the cores left to the node."""
     fits = math.floor(available_cores() / DEFAULT_COST)
     offerer = RTCPeerConnection()
     offerer.addTrack(SceneTrack(320, 176))
@@ -436,16 +452,17 @@ async def test_sessions_that_connect_at_once_are_sorted_out_at_their_offers(
                 for ws in crowd:
                     message = json.loads(await asyncio.wait_for(ws.recv(), 10))
                     assert message["type"] == "session_id", "all are let in to negotiate"
-                for ws in crowd[:fits]:
+                answered = 0
+                for ws in crowd:  # at most `fits` answers: fewer if other processes are busy
                     await ws.send(offer)
-                    answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                    assert answer["type"] == "answer", answer
-                last = crowd[fits]
-                await last.send(offer)
-                message = json.loads(await asyncio.wait_for(last.recv(), 10))
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if message["type"] != "answer":
+                        break
+                    answered += 1
+                assert 1 <= answered <= fits, "the empty node answers one; the crowd is cut"
                 assert message == {"type": "error", "error": AT_CAPACITY}
                 with pytest.raises(ConnectionClosed) as closed:
-                    await asyncio.wait_for(last.recv(), 10)
+                    await asyncio.wait_for(ws.recv(), 10)
                 assert closed.value.rcvd and closed.value.rcvd.code == CLOSE_TRY_AGAIN_LATER
                 async with create_client(
                     api_key=server.api_key, base_url=server.base_url

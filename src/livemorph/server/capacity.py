@@ -9,9 +9,14 @@ when its share would not fit beside the others':
   1/N of the node, from the moment it is admitted, streaming or not. A node with one
   `mirage` session has room for two `live_avatar` sessions here.
 - **Estimated** (every model not named, `--capacity auto`, the default): a session takes
-  cost / cores, where cost is the CPU (cores) one session of its model uses at the model's
-  frame rate, measured from the sessions that run: each second, the process's CPU time
-  over that second divided by the frames its sessions processed, times the model's fps.
+  cost / budget, where the budget is the cores this node can have: its CPU affinity or
+  cgroup quota (`available_cores`), less what other processes take (the process's own CPU
+  plus the idle share of those cores, from /proc/stat; a running mean). On a machine it
+  shares, a node gets what the others leave: bench/capacity.py's 1-core node got 0.34 to
+  0.79 of its core while other processes kept the machine busy. The cost is the CPU
+  (cores) one session of its model uses at the model's frame rate, measured from the
+  sessions that run: each second, the process's CPU time over that second divided by the
+  frames its sessions processed, times the model's fps.
   Frames, not seconds, so a session held back by its camera or by the machine is costed at
   its full rate. CPU time is the whole process's (decoding, the engine, encoding, RTP, the
   event loop), not the engine's alone: on the 2-core bench machine the neural engine's own
@@ -192,6 +197,9 @@ class Capacity:
             raise ValueError("a configured capacity is 1 session or more")
         self.estimate = estimate
         self.cores = cores if cores is not None else available_cores()
+        #: The cores this node's sessions can have: its own CPU plus what lies idle, at
+        #: most `cores` (running mean); `cores` until the first reading.
+        self.budget = self.cores
         self.default_cost = default_cost
         self._clock = clock
         self._cpu_time = cpu_time
@@ -217,7 +225,8 @@ class Capacity:
     def sample(self, sessions: Iterable[Running]) -> None:
         """Read the process's CPU and each session's frames since the last reading."""
         now, cpu = self._clock(), self._cpu_time()
-        starved = self._idle() < SPARE_AT
+        idle = self._idle()
+        starved = idle < SPARE_AT
         last, self._last = self._last, (now, cpu)
         sessions = list(sessions)
         seen: dict[str, _Seen] = {}
@@ -239,6 +248,9 @@ class Capacity:
                 share = min(1.0, done / could)
                 now_seen.share = _mean(before.share, share)
         self._seen = seen
+        if last is not None and now > last[0] and cpu >= last[1]:
+            own = (cpu - last[1]) / (now - last[0])
+            self.budget = _mean(self.budget, min(self.cores, own + idle * self.cores))
         if last is None or len(processed) != 1:
             return
         [(model, frames)] = processed.items()
@@ -263,7 +275,7 @@ class Capacity:
         """The share of this node one streaming session of `model` takes."""
         if model in self.configured:
             return 1.0 / self.configured[model]
-        return self.cost(model) / self.cores if self.estimate else 0.0
+        return self.cost(model) / max(self.budget, 0.01) if self.estimate else 0.0
 
     def sessions_of(self, model: str) -> int | None:
         """How many sessions of `model` alone this node takes (None: no limit here)."""
@@ -299,7 +311,11 @@ class Capacity:
         if load <= 0.0:
             return None  # an empty node takes one session, to serve and to measure it
         if slow := self.behind(sessions):
-            return f"{len(slow)} session(s) below their frame rate already"
+            lowest = min(self._seen[session.id].share or 0.0 for session in slow)
+            return (
+                f"{len(slow)} session(s) below their frame rate already "
+                f"(the lowest getting {lowest:.0%} of the frames it could)"
+            )
         share = self.share(spec.name)
         if load + share > 1.0 + EPSILON:
             return (
