@@ -161,7 +161,9 @@ async def run(server: LiveServer, args: argparse.Namespace) -> None:
         ]
         estimates = [
             line
-            for line in httpx.get(f"{server.base_url}/metrics").text.splitlines()
+            for line in (
+                await asyncio.to_thread(httpx.get, f"{server.base_url}/metrics")
+            ).text.splitlines()
             if line.startswith(("livemorph_capacity_cost_cores{", "livemorph_capacity_sessions{"))
             and f'model="{args.model}"' in line
         ]

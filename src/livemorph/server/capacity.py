@@ -12,7 +12,7 @@ when its share would not fit beside the others':
   cost / budget, where the budget is the cores this node can have: its CPU affinity or
   cgroup quota (`available_cores`), less what other processes take (the process's own CPU
   plus the idle share of those cores, from /proc/stat; a running mean). On a machine it
-  shares, a node gets what the others leave: bench/capacity.py's 1-core node got 0.34 to
+  shares, a node gets what the others leave: bench/capacity.py's 1-core node got 0.25 to
   0.79 of its core while other processes kept the machine busy. The cost is the CPU
   (cores) one session of its model uses at the model's frame rate, measured from the
   sessions that run: each second, the process's CPU time over that second divided by the
