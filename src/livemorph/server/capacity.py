@@ -19,8 +19,8 @@ when its share would not fit beside the others':
   frames its sessions processed, times the model's fps.
   Frames, not seconds, so a session held back by its camera or by the machine is costed at
   its full rate. CPU time is the whole process's (decoding, the engine, encoding, RTP, the
-  event loop), not the engine's alone: on the 2-core bench machine the neural engine's own
-  frame time was 23.6 ms of 40 while decoding and encoding took most of the rest. A second
+  event loop), not the engine's alone: on a 2-core machine the neural network took 23.6 ms
+  of the 40 ms interval, yet decoding and encoding left no CPU for more (scaler.py). A second
   in which sessions of several models ran says nothing about one model alone, so it only
   updates the node's behind check below. Estimates are running means (`SMOOTHING`).
   A session counts once its offer has been answered (or it has camera frames): one that has
@@ -47,13 +47,13 @@ cannot reach its rate even alone is still served, and is measured only by runnin
 admission by capacity off.
 
 The costs are the process's CPU (`time.process_time`), not the machine's: what other
-processes take is not this node's sessions' cost; it shows in the behind check, once the
-machine has no CPU left and the sessions get fewer frames than their rate. On a GPU node
-the CPU says little of the GPU's load: there, configure `--capacity` from
-`bench/diffusion.py`'s figures; the behind check still holds.
+processes take is not this node's sessions' cost; it shows in the budget, and in the behind
+check once the machine has no CPU left. On a GPU node the CPU says little of the GPU's
+load: there, configure `--capacity` from `bench/diffusion.py`'s figures; the behind check
+still holds.
 
-The clock, the CPU reader and the cores are injectable, so tests feed readings rather than
-race time.
+The clock, the process's CPU, the machine's idle share and the cores are injectable, so
+tests feed readings rather than race time.
 """
 
 from __future__ import annotations
