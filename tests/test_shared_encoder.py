@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from aiortc import RTCRtpSender
 from aiortc.codecs.vpx import Vp8Decoder, vp8_depayload
+from aiortc.contrib.media import MediaRelay
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import (
@@ -290,6 +291,24 @@ async def test_aiortc_senders_packetise_the_shared_payloads_each_its_own_way() -
             await side.sender.stop()
     gc.collect()
     assert shared.senders == 0, "a stopped sender drops its handle"
+
+
+async def test_aiortc_relay_hands_every_subscriber_the_same_frame_object() -> None:
+    """What finding a frame again by identity rests on: MediaRelay does not copy frames."""
+    source = Feed()
+    relay = MediaRelay()
+    one, two = (relay.subscribe(source, buffered=False) for _ in range(2))
+    current = frame(0)
+    receiving = asyncio.gather(one.recv(), two.recv())
+    await asyncio.sleep(0)  # both subscribed (the relay starts reading on the first recv)
+    source.queue.put_nowait(current)
+    async with asyncio.timeout(10):
+        first, second = await receiving
+    assert first is current and second is current
+    one.stop()
+    two.stop()
+    source.queue.put_nowait(None)  # the relay's reader ends
+    await asyncio.sleep(0.01)
 
 
 async def _until(condition: Any) -> None:
