@@ -414,3 +414,21 @@ async def test_a_late_viewer_gets_a_keyframe_and_a_leaving_one_disturbs_nobody(l
         assert all(picture.shape == SIZE for picture in pictures)
         assert pub.rt.get_connection_state() in ("connected", "generating")
         assert first.viewer.get_connection_state() in ("connected", "generating")
+
+
+@pytest.mark.slow
+async def test_switched_off_each_sender_encodes_for_itself(live, monkeypatch) -> None:
+    monkeypatch.setenv(shared_module.ENV, "off")
+    rt = await live.client.realtime.connect(
+        SceneTrack(*CAMERA), model="mirage", initial_state={"prompt": {"text": "ink"}}
+    )
+    output = FrameSink(rt.video_track)
+    try:
+        (session,) = live.server.state.sessions.all()
+        assert session.video_encoder is None
+        async with watching(live, rt) as viewer:
+            pictures = await asyncio.gather(output.fresh(3), viewer.sink.fresh(3))
+            assert all(picture.shape == SIZE for picture in pictures)
+    finally:
+        await output.close()
+        await rt.disconnect()
