@@ -8,6 +8,7 @@ import asyncio
 import fractions
 import importlib.util
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamTrack
 from av import VideoFrame
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from livemorph import create_client, models
 from livemorph.engines.base import Controls, EngineRefused
@@ -416,3 +419,40 @@ def test_the_server_refuses_to_start_on_a_missing_or_broken_model(tmp_path) -> N
         )
         assert result.returncode == 1
         assert "livemorph: the engine diffusion" in result.stderr and words in result.stderr
+
+
+def test_the_engine_is_full_at_its_session_limit(weights) -> None:
+    registry = EngineRegistry(f"diffusion:model={weights[0]},threads={THREADS},sessions=2")
+    try:
+        engine = registry.resolve("mirage")[1]
+        assert not engine.full()
+        first = engine.open_session(SPEC)
+        assert not engine.full()
+        second = engine.open_session(SPEC)
+        assert engine.full()
+        second.close()
+        assert not engine.full(), "a session that ends makes room"
+        first.close()
+    finally:
+        registry.close()
+
+
+@pytest.mark.slow
+async def test_sessions_past_the_engines_limit_get_the_at_capacity_error(weights, tmp_path) -> None:
+    spec = f"diffusion:model={weights[0]},threads={THREADS},sessions=1"
+    with serve(tmp_path / "server", "--engine", spec) as server:
+        url = f"{server.ws_url}/v1/stream?api_key={server.api_key}&model=mirage"
+        async with connect(url) as first:
+            assert json.loads(await first.recv())["type"] == "session_id"
+            async with connect(url) as second:
+                said = json.loads(await second.recv())
+                with pytest.raises(ConnectionClosed) as closed:
+                    await second.recv()
+            assert said == {"type": "error", "error": "Server at capacity, try again shortly"}
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+            await first.send(json.dumps({"type": "prompt", "prompt": "still served"}))
+            ack = json.loads(await first.recv())
+            assert ack["type"] == "prompt_ack" and ack["success"], ack
+        assert await asyncio.to_thread(server.wait_sessions, 0) == 0
+        async with connect(url) as third:  # the first has gone: there is room again
+            assert json.loads(await third.recv())["type"] == "session_id"

@@ -103,5 +103,12 @@ class Engine(ABC):
     @abstractmethod
     def open_session(self, spec: ModelSpec) -> EngineSession: ...
 
+    def full(self) -> bool:
+        """True while the engine has as many sessions as it can serve (a GPU engine's batch
+        limit, say): the server then refuses new ones with the at-capacity error. Called on
+        the event loop just before `open_session`; an engine without a limit of its own
+        leaves this to the server's admission by capacity."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release process-wide resources (runtimes, thread pools)."""

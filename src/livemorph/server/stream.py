@@ -47,7 +47,7 @@ from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
 from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
-from .limits import TOO_MANY_MESSAGES, MessageGate
+from .limits import AT_CAPACITY, TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
     AT_CAPACITY_REASON,
     CREDITS_REASON,
@@ -196,9 +196,11 @@ async def stream(ws: WebSocket) -> None:
         channel.refused(CREDITS_REASON)
         await channel.fatal(INSUFFICIENT_CREDITS)
         return
-    if refused := await state.limits.refuse_session(
-        principal.key_id, state.sessions
-    ) or state.capacity.refuse(spec, state.sessions.all()):
+    if (
+        refused := await state.limits.refuse_session(principal.key_id, state.sessions)
+        or state.capacity.refuse(spec, state.sessions.all())
+        or (AT_CAPACITY if engine.full() else None)
+    ):
         # Transient: clients retry. Nothing is awaited from here until the session is added.
         logger.info(
             "refused a session of key %s: %s",

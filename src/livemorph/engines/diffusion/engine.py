@@ -573,6 +573,14 @@ class DiffusionEngine(Engine):
         finally:
             session.close()
 
+    def full(self) -> bool:
+        """At `sessions=` open sessions (by default `batch`, so that all their frames fit in
+        one UNet call): a session more would slow every session on the GPU, so the server
+        refuses it with the at-capacity error instead."""
+        limit = self.options.sessions or self.options.batch
+        with self._sessions_lock:
+            return len(self._sessions) >= limit
+
     def open_session(self, spec: ModelSpec) -> EngineSession:
         session = DiffusionSession(self, spec)
         with self._sessions_lock:

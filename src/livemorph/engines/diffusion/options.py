@@ -61,6 +61,9 @@ class DiffusionOptions:
     compile: str = "off"
     #: At most this many sessions' frames in one UNet batch.
     batch: int = 4
+    #: At most this many sessions at once; past it new ones get the at-capacity error.
+    #: None: `batch`, so every session's frames fit in one UNet call.
+    sessions: int | None = None
     #: CPU threads torch may use (None: torch's default).
     threads: int | None = None
     seed: int = 0
@@ -106,6 +109,7 @@ class DiffusionOptions:
             dtype=_choice(values, "dtype", "auto", DTYPES),
             compile=_choice(values, "compile", "off", COMPILE_MODES),
             batch=_int(values, "batch", 4, 1, 64),
+            sessions=_int(values, "sessions", 0, 1, 1024) if "sessions" in values else None,
             threads=_int(values, "threads", 0, 1, 256) if "threads" in values else None,
             seed=_int(values, "seed", 0, 0, 2**31 - 1),
             variant=values.get("variant"),
