@@ -77,6 +77,10 @@ async def test_a_recording_plays_back_at_the_models_size_with_its_sound(tmp_path
             assert twice.value.code is ErrorCode.INVALID_INPUT
             start = sink.count
             await eventually(lambda: sink.count >= start + 25, within=20)  # a second or so
+            recording = rt._recording
+            assert recording is not None
+            # the recorder reads its own copy, at its own pace: a second of it too
+            await eventually(lambda: recording.frames("video") >= 25, within=20)
             assert await rt.stop_recording() == tmp_path / "session.mp4"
             assert rt.recording is None and await rt.stop_recording() is None
         finally:

@@ -973,9 +973,7 @@ async def test_avatar_connect_sends_portrait_prompt_offer_and_restores_them() ->
             assert first[2]["type"] == "offer"
             assert media_sections(first[2]["sdp"]) == [("video", "recvonly"), ("audio", "sendrecv")]
 
-            started = time.monotonic()
             assert await rt.play_audio(np.full(4800, 0.5, np.float32), 48_000) is True
-            assert time.monotonic() - started > 0.05, "a 0.1 s clip, sent on the clock"
 
             with pytest.raises(LivemorphError, match="needs its portrait"):
                 await rt.set_image(None)

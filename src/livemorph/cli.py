@@ -60,7 +60,7 @@ def _cmd_serve(settings: Settings) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from .engines.registry import EngineRegistry, parse_model_engines
+    from .engines.registry import EngineLoadError, EngineRegistry, parse_model_engines
     from .server import GracefulServer, create_app
     from .server.tls import TlsError, tls_files
 
@@ -93,8 +93,8 @@ def _cmd_serve(settings: Settings) -> int:
     app = create_app(settings)
     try:  # chosen engines load now: a missing extra or bad weights stop the start, said plainly
         app.state.livemorph.engines.preload()
-    except Exception as exc:
-        print(f"livemorph: an engine cannot start: {exc}", file=sys.stderr)
+    except EngineLoadError as exc:
+        print(f"livemorph: {exc}", file=sys.stderr)
         return 1
     config = uvicorn.Config(
         app,

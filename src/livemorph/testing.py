@@ -107,7 +107,8 @@ def start_server(
         data_dir,
         process,
     )
-    deadline = time.monotonic() + 30
+    # Generous: an engine that loads at start (diffusion) on a busy machine takes a while.
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"livemorph serve exited:\n{server.log}")

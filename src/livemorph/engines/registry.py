@@ -65,6 +65,10 @@ DEFAULT_ENGINES: dict[str, str | None] = {
 }
 
 
+class EngineLoadError(RuntimeError):
+    """An engine chosen on the command line failed to load; `str()` says which and why."""
+
+
 class ModelNotAvailable(LookupError):
     """The model exists in the catalog but this server has no engine for it."""
 
@@ -153,10 +157,15 @@ class EngineRegistry:
         a missing extra or a broken model folder stops the server at start with the engine's
         own message, instead of failing its first session. Defaults load on first use."""
         chosen = {*self._per_model.values(), *([self._override] if self._override else [])}
-        for spec in chosen:
+        for spec in sorted(chosen):
             model = next((name for name in CATALOG if self._engine_spec(name) == spec), None)
-            if model is not None:
+            if model is None:
+                continue
+            try:
                 self.resolve(model)
+            except Exception as exc:
+                name = spec.partition(":")[0]  # its arguments may hold the server's paths
+                raise EngineLoadError(f"the engine {name} cannot start: {exc}") from exc
 
     def close(self) -> None:
         for engine in self._loaded.values():

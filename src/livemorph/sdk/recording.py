@@ -48,6 +48,8 @@ class _Follower(MediaStreamTrack):
         #: The current source's first timestamp and where it fell in the recording.
         self._anchor: tuple[float, float] | None = None
         self._next_pts = 0
+        #: Frames handed to the recorder so far.
+        self.frames = 0
 
     def attach(self, source: MediaStreamTrack) -> None:
         """Record `source` from now on: the first track, or a reconnect's new one. The old
@@ -72,6 +74,7 @@ class _Follower(MediaStreamTrack):
                     self._source = None  # until a reconnect brings a new track
                 continue
             if source is self._source:
+                self.frames += 1
                 return self._stamped(frame)  # type: ignore[arg-type]
 
     def _seconds(self, frame: VideoFrame | AudioFrame) -> float:
@@ -137,6 +140,11 @@ class Recording:
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self._followers)
+
+    def frames(self, kind: str) -> int:
+        """Frames of `kind` handed to the recorder so far (0 for a kind not recorded)."""
+        follower = self._followers.get(kind)
+        return 0 if follower is None else follower.frames
 
     async def start(self) -> None:
         await self._recorder.start()
