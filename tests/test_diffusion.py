@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from livemorph import create_client, models
 from livemorph.engines.base import Controls, EngineRefused
 from livemorph.engines.diffusion import DiffusionLoadError, DiffusionOptions, require_runtime
-from livemorph.engines.registry import EngineRegistry
+from livemorph.engines.registry import EngineLoadError, EngineRegistry
 from livemorph.media.frames import yuv_planes
 from livemorph.models import CATALOG
 from livemorph.testing import LiveServer, serve
@@ -101,14 +101,18 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch) -> None:
     )
     with pytest.raises(DiffusionLoadError, match=r"pip install 'livemorph\[diffusion\]'"):
         require_runtime()
-    with pytest.raises(DiffusionLoadError, match="needs diffusers"):
+    with pytest.raises(
+        EngineLoadError, match=r"the engine diffusion cannot start: .*needs diffus"
+    ) as info:
         EngineRegistry("diffusion:model=/nowhere").preload()
+    assert isinstance(info.value.__cause__, DiffusionLoadError)
 
 
 def test_missing_or_broken_model_folders_fail_at_load(tmp_path, weights) -> None:
     def load(folder: Path | str) -> str:
-        with pytest.raises(DiffusionLoadError) as error:
+        with pytest.raises(EngineLoadError) as error:
             EngineRegistry(f"diffusion:model={folder},threads={THREADS}").preload()
+        assert isinstance(error.value.__cause__, DiffusionLoadError)
         return str(error.value)
 
     assert "does not exist" in load(tmp_path / "absent")
