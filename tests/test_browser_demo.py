@@ -12,6 +12,7 @@ test before it left, so the tests pass in any order.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -58,6 +59,16 @@ def steady_output(page: Any, settle: float = 1.5) -> np.ndarray:
     """The output once the newest look has reached the screen (frames in flight have gone)."""
     time.sleep(settle)
     return video_frame(page, "#output")
+
+
+def settled_look(page: Any) -> tuple[np.ndarray, float]:
+    """The output and its frame-to-frame noise once two samples agree best: the least change
+    of three half-second steps, so a look still settling (the engine's scaler choosing a
+    size on a busy machine) does not pass for noise."""
+    samples = [steady_output(page, settle=0.5) for _ in range(4)]
+    changes = [mean_abs_diff(a, b) for a, b in itertools.pairwise(samples)]
+    quietest = min(range(len(changes)), key=changes.__getitem__)
+    return samples[quietest + 1], changes[quietest]
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +135,7 @@ def test_the_page_connects_and_plays_at_the_models_size(demo: Any, server: LiveS
 
 def test_the_output_differs_from_the_camera_and_follows_the_prompt(demo: Any) -> None:
     camera = video_frame(demo, "#camera")
-    before = steady_output(demo, settle=0.5)
-    again = steady_output(demo, settle=0.5)
-    noise = mean_abs_diff(before, again)  # the same look, frame to frame
+    before, noise = settled_look(demo)  # the same look, frame to frame
     assert mean_abs_diff(camera, before) > 20, "the output looks like the camera"
 
     demo.click("#examples button:has-text('pencil sketch')")
@@ -153,8 +162,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def test_reference_images_and_their_errors_are_shown(demo: Any) -> None:
-    before = steady_output(demo, settle=0.5)
-    noise = mean_abs_diff(before, steady_output(demo, settle=0.5))
+    before, noise = settled_look(demo)
 
     # Refusals are shown plainly, and nothing of them is kept.
     demo.set_input_files(
