@@ -429,7 +429,7 @@ class Batcher:
                 torch.cat([m.x for m in group]),
                 torch.cat([m.t for m in group]),
                 torch.cat([m.embeds for m in group]),
-                None if images[0] is None else torch.cat(images),  # type: ignore[arg-type]
+                None if images[0] is None else torch.cat(images),
             )
             for member, result in zip(group, out.split(sizes), strict=True):
                 member.result = result
@@ -541,12 +541,12 @@ class DiffusionEngine(Engine):
         image_batch = None if images is None else images.expand(batch, -1, -1)
         if self.guided and self.options.cfg == "full":
             negative = self.embeddings(self.options.negative).expand(batch, -1, -1)
-            uncond_images = None if images is None else torch.zeros_like(image_batch)  # type: ignore[arg-type]
+            uncond_images = None if images is None else torch.zeros_like(image_batch)
             out = self.batcher(
                 torch.cat([x, x]),
                 torch.cat([t, t]),
                 torch.cat([negative, cond]),
-                None if images is None else torch.cat([uncond_images, image_batch]),  # type: ignore[list-item]
+                None if images is None else torch.cat([uncond_images, image_batch]),
             )
             uncond, eps = model.to_eps(out, torch.cat([x, x]), torch.cat([t, t])).chunk(2)
             eps = uncond + self.options.guidance * (eps - uncond)
