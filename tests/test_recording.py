@@ -4,6 +4,7 @@ the output in Chromium."""
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +13,13 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from aiortc.mediastreams import AudioStreamTrack
-from av import AudioFrame
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from av import AudioFrame, VideoFrame
 
 from livemorph import ErrorCode, LivemorphError, RetryPolicy, create_client
 from livemorph.config import Settings
 from livemorph.models import CATALOG
+from livemorph.sdk.recording import Recording
 from livemorph.testing import LiveServer, serve
 from tests.inprocess import serve_in_process
 from tests.media import FrameSink, SceneTrack
@@ -79,8 +81,10 @@ async def test_a_recording_plays_back_at_the_models_size_with_its_sound(tmp_path
             await eventually(lambda: sink.count >= start + 25, within=20)  # a second or so
             recording = rt._recording
             assert recording is not None
-            # the recorder reads its own copy, at its own pace: a second of it too
-            await eventually(lambda: recording.frames("video") >= 25, within=20)
+            # The recorder reads its own copy, at its own pace (aiortc's MediaRecorder encodes
+            # on the event loop): a second of frames too, video and audio alike.
+            await eventually(lambda: recording.frames("video") >= 25, within=60)
+            await eventually(lambda: recording.frames("audio") >= 25, within=60)
             assert await rt.stop_recording() == tmp_path / "session.mp4"
             assert rt.recording is None and await rt.stop_recording() is None
         finally:
@@ -193,3 +197,45 @@ def test_the_demo_record_button_saves_the_output(grade_server: LiveServer, tmp_p
         assert saved.suffix == ".webm" and saved.stat().st_size == size
         found = played(saved)
         assert found["frames"] > 0 and found["size"] == (MODEL.width, MODEL.height)
+
+
+class _Late(MediaStreamTrack):
+    """Frames of one kind at their real pace, the first of them `delay` seconds late."""
+
+    def __init__(self, kind: str, delay: float = 0.0) -> None:
+        super().__init__()
+        self.kind = kind
+        self._delay = delay
+        self._count = 0
+
+    async def recv(self) -> Any:
+        if self._count == 0:
+            await asyncio.sleep(self._delay)
+        self._count += 1
+        if self.kind == "video":
+            await asyncio.sleep(1 / 25)
+            frame = VideoFrame.from_ndarray(np.full((96, 160, 3), 120, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = self._count * 3600, fractions.Fraction(1, 90_000)
+            return frame
+        await asyncio.sleep(0.02)
+        audio = AudioFrame.from_ndarray(np.zeros((1, 960), np.int16), format="s16", layout="mono")
+        audio.sample_rate, audio.pts = 48_000, self._count * 960
+        audio.time_base = fractions.Fraction(1, 48_000)
+        return audio
+
+
+async def test_audio_that_comes_before_the_first_video_frame_does_not_cost_the_video(
+    tmp_path: Path,
+) -> None:
+    """aiortc's MediaRecorder sizes its video stream by the first video frame, and the
+    first audio packet written opens every codec: audio first used to end the video's task
+    ("Cannot change width after codec is open"), leaving a file of sound alone."""
+    recording = Recording(
+        tmp_path / "late.mp4", {"video": _Late("video", delay=0.3), "audio": _Late("audio")}
+    )
+    await recording.start()
+    await eventually(lambda: recording.frames("video") >= 10, within=30)
+    await recording.stop()
+    found = played(tmp_path / "late.mp4")
+    assert found["size"] == (160, 96)
+    assert found["frames"] >= 5

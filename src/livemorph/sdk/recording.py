@@ -39,10 +39,16 @@ AUDIO_GAP = 0.1
 class _Follower(MediaStreamTrack):
     """One kind of what the connection receives, across its reconnects, restamped."""
 
-    def __init__(self, kind: str, started: float) -> None:
+    def __init__(self, kind: str, started: float, after: asyncio.Event | None = None) -> None:
         super().__init__()
         self.kind = kind
         self._started = started
+        #: Hand over nothing until this is set (audio waits for the first video frame).
+        self._after = after
+        #: Set once the first frame has been handed over.
+        self.delivered = asyncio.Event()
+        #: Every video frame is written at the first one's size.
+        self._size: tuple[int, int] | None = None
         self._source: MediaStreamTrack | None = None
         self._changed = asyncio.Event()
         #: The current source's first timestamp and where it fell in the recording.
@@ -59,6 +65,8 @@ class _Follower(MediaStreamTrack):
         self._changed.set()
 
     async def recv(self) -> VideoFrame | AudioFrame:
+        if self._after is not None:
+            await self._after.wait()
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
@@ -75,6 +83,7 @@ class _Follower(MediaStreamTrack):
                 continue
             if source is self._source:
                 self.frames += 1
+                self.delivered.set()
                 return self._stamped(frame)  # type: ignore[arg-type]
 
     def _seconds(self, frame: VideoFrame | AudioFrame) -> float:
@@ -93,7 +102,11 @@ class _Follower(MediaStreamTrack):
         the same frame object, whose stamps are not ours to change."""
         seconds = self._seconds(frame)
         if isinstance(frame, VideoFrame):
-            copy = frame.reformat(format="yuv420p")
+            # MediaRecorder sizes its video stream by the first frame and cannot change it.
+            if self._size is None:
+                self._size = (frame.width, frame.height)
+            width, height = self._size
+            copy = frame.reformat(width=width, height=height, format="yuv420p")
             if copy is frame:
                 copy = VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
             pts = max(round(seconds * RECORDER_RATE), self._next_pts)
@@ -131,8 +144,14 @@ class Recording:
         started = time.monotonic()
         self._recorder = MediaRecorder(str(self.path), format=format, options=options)
         self._followers: dict[str, _Follower] = {}
-        for kind, source in sources.items():
-            follower = _Follower(kind, started)
+        # The video first: MediaRecorder sets its video stream's size from the first video
+        # frame, which must come before anything is written (the first audio packet opens
+        # every codec, and the size can no longer change). Audio waits for that frame.
+        video_first = sorted(sources.items(), key=lambda item: item[0] != "video")
+        for kind, source in video_first:
+            video = self._followers.get("video")
+            after = video.delivered if kind == "audio" and video is not None else None
+            follower = _Follower(kind, started, after)
             follower.attach(source)
             self._recorder.addTrack(follower)
             self._followers[kind] = follower
