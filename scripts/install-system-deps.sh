@@ -11,7 +11,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
 $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
-    postgresql espeak-ng
+    postgresql espeak-ng redis-server
 # Node.js and npm fetch and bundle the published @decartai/sdk for its browser test
 # (tests/decart_js.py); Debian's are installed only where there is no npm on the PATH.
 if ! command -v npm >/dev/null 2>&1; then

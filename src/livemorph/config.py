@@ -29,6 +29,7 @@ ENV_PREFIX = "LIVEMORPH_"
 OFF_WORDS = frozenset({"0", "false", "no", "off"})
 POLICY_GROUP = "moderation and prompt enhancement"
 LIMITS_GROUP = "limits (0 switches one off)"
+CLUSTER_GROUP = "cluster (several nodes as one service)"
 
 #: Reads one setting from text: (the field's type, the text, the flag or variable it came
 #: from). Raises ValueError naming that flag or variable, so the user knows what to fix.
@@ -205,6 +206,36 @@ class Settings:
         default=None,
         metadata=about(
             "the port clients reach this node at", shown="the port the client connected to"
+        ),
+    )
+    # cluster/: nodes sharing one Redis place and relay each other's sessions.
+    redis_url: str | None = field(
+        default=None,
+        repr=False,  # it may hold a password
+        metadata=about(
+            "Redis URL that makes this node a cluster member, e.g. redis://host:6379/0 "
+            "(needs --cluster-secret; with --database-url for shared accounts)",
+            metavar="URL",
+            group=CLUSTER_GROUP,
+            shown="none: a single node",
+        ),
+    )
+    cluster_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata=about(
+            "the secret the cluster's nodes sign their relays to each other with",
+            metavar="SECRET",
+            group=CLUSTER_GROUP,
+        ),
+    )
+    node_name: str | None = field(
+        default=None,
+        metadata=about(
+            "this node's name in the cluster (GET /v1/cluster, logs)",
+            metavar="NAME",
+            group=CLUSTER_GROUP,
+            shown="the machine's name and a random suffix",
         ),
     )
     engine: str | None = field(
