@@ -152,6 +152,11 @@ class EngineRegistry:
             self._loaded[name] = engine
         return CATALOG[model], engine
 
+    def loaded(self, model: str) -> Engine | None:
+        """The engine serving `model` if it is loaded already; never loads one."""
+        name = self._engine_spec(model)
+        return None if name is None else self._loaded.get(name)
+
     def preload(self) -> None:
         """Load the engines chosen on the command line (`override`, `per_model`) now, so that
         a missing extra or a broken model folder stops the server at start with the engine's

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hmac
 import json
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .._version import __version__
+from ..cluster import ClusterUnavailable
 from ..storage import ApiKey, KeyNotFound, SessionUsage, UsageDay
 from ..storage.store import hash_secret
 from .rest import ErrorResponse, _describe, _state, error
@@ -325,3 +327,89 @@ async def usage(
         return error(400, "invalid since: expected a date, YYYY-MM-DD")
     days = await store.usage_by_day(principal.key_id, first_day)
     return _usage(principal.key_id, await store.credits_left(principal.key_id), days)
+
+
+# -- the cluster ------------------------------------------------------------------------
+
+
+class ClusterSession(BaseModel):
+    id: str
+    model: str
+    keyId: str
+
+
+class ClusterNode(BaseModel):
+    name: str
+    url: str = Field(description="Where the other nodes relay to.")
+    publicHost: str
+    publicPort: int
+    room: dict[str, int | None] = Field(
+        description="Per model served: sessions it takes now; null: no limit known."
+    )
+    load: float
+    version: str
+    startedAt: str
+    sessions: list[ClusterSession]
+
+
+class ClusterReport(BaseModel):
+    node: str = Field(description="The node that answered.")
+    clustered: bool = Field(description="False for a single node (no --redis-url).")
+    nodes: list[ClusterNode]
+
+
+@router.get(
+    "/v1/cluster",
+    tags=["admin"],
+    response_model=ClusterReport,
+    responses={**_ADMIN_ERRORS, 503: {"model": ErrorResponse}},
+)
+async def cluster(request: Request, credential: AdminCredential) -> Any:
+    """The nodes serving as this service and the sessions each holds (a single node lists
+    itself). Nodes that stopped heartbeating are gone within seconds."""
+    if (refused := _refused(request, credential)) is not None:
+        return refused
+    member = _state(request).cluster
+    if member is None:
+        state = _state(request)
+        sessions = [
+            ClusterSession(id=s.id, model=s.spec.name, keyId=s.principal.key_id)
+            for s in state.sessions.all()
+        ]
+        me = ClusterNode(
+            name=state.settings.node_name or "local",
+            url=f"http://{state.settings.host}:{state.settings.port}",
+            publicHost=state.settings.public_host or state.settings.host,
+            publicPort=state.settings.public_port or state.settings.port,
+            room={},
+            load=float(len(sessions)),
+            version=__version__,
+            startedAt=datetime.fromtimestamp(state.started, UTC).isoformat(),
+            sessions=sessions,
+        )
+        return ClusterReport(node=me.name, clustered=False, nodes=[me])
+    try:
+        nodes = await member.directory.nodes()
+    except ClusterUnavailable:
+        return error(503, "cluster unavailable: redis cannot be reached")
+    return ClusterReport(
+        node=member.name,
+        clustered=True,
+        nodes=[
+            ClusterNode(
+                name=node.name,
+                url=node.url,
+                publicHost=node.public_host,
+                publicPort=node.public_port,
+                room=node.room,
+                load=node.load,
+                version=node.version,
+                startedAt=datetime.fromtimestamp(node.started, UTC).isoformat(),
+                sessions=[
+                    ClusterSession(id=entry.id, model=entry.model, keyId=entry.key_id)
+                    for entry in node.sessions
+                ],
+            )
+            for node in nodes
+        ],
+    )

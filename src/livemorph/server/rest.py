@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..cluster import ClusterUnavailable
 from ..models import CATALOG
 from ..storage import ClientToken
 from .limits import retry_after
@@ -134,7 +135,11 @@ async def create_client_token(
         return error(401, "invalid api key")
     if principal.is_client_token:
         return error(403, "permission denied: a client token cannot mint tokens")
-    if wait := await state.limits.token_mints.acquire(principal.key_id):
+    try:
+        wait = await state.limits.token_mints.acquire(principal.key_id)
+    except ClusterUnavailable:
+        return error(503, "cluster unavailable: cannot count token mints, try again shortly")
+    if wait:
         state.metrics.refused(RATE_LIMIT_REASON)
         seconds = retry_after(wait)
         message = f"rate limit: too many tokens minted for this key, retry in {seconds} s"

@@ -17,6 +17,7 @@ from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
 from ..storage.store import WallClock, utcnow
 from .capacity import Capacity, CapacityMetrics
+from .cluster import ClusterMember, member_from_settings
 from .limits import Clock, Limits
 from .metrics import Metrics
 
@@ -34,6 +35,10 @@ class AppState:
     limits: Limits = field(default_factory=lambda: Limits.from_settings(Settings()))
     metrics: Metrics = field(default_factory=Metrics)
     capacity: Capacity = field(default_factory=lambda: Capacity(estimate=False))
+    #: This node's membership of a cluster (`--redis-url`); None for a single node.
+    cluster: ClusterMember | None = None
+    #: When this node started (seconds since the epoch).
+    started: float = field(default_factory=time.time)
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -58,6 +63,7 @@ class AppState:
         capacity = Capacity.from_settings(settings)
         if capacity.on:
             metrics.registry.register(CapacityMetrics(capacity, sessions.all))
+        limits = Limits.from_settings(settings, monotonic_clock)
         return cls(
             settings=settings,
             store=store,
@@ -69,9 +75,10 @@ class AppState:
             moderator=moderator,
             enhancer=enhancer,
             meter=StoreMeter(store, on_recorded=metrics.usage_recorded),
-            limits=Limits.from_settings(settings, monotonic_clock),
+            limits=limits,
             metrics=metrics,
             capacity=capacity,
+            cluster=member_from_settings(settings, sessions, engines, capacity, limits),
         )
 
     async def open(self) -> None:
@@ -80,6 +87,8 @@ class AppState:
             self._sampler = asyncio.create_task(
                 self.capacity.run(self.sessions.all), name="capacity"
             )
+        if self.cluster is not None:
+            await self.cluster.start()
 
     async def close(self) -> None:
         if self._sampler is not None:
@@ -88,6 +97,8 @@ class AppState:
                 await self._sampler
             self._sampler = None
         await self.sessions.close_all("server_shutdown")
+        if self.cluster is not None:
+            await self.cluster.stop()
         self.engines.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         await self.moderator.aclose()

@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
+from ..cluster import ClusterUnavailable
+from ..cluster.relay import RELAY_HEADER
 from ..engines import ModelNotAvailable
 from ..logs import bind_session, unbind_session
 from ..models import UnknownModelError
@@ -47,6 +49,7 @@ from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
 from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
+from .cluster import CLUSTER_UNAVAILABLE, ClusterMember
 from .limits import AT_CAPACITY, TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
     AT_CAPACITY_REASON,
@@ -66,6 +69,8 @@ router = APIRouter()
 #: tens of milliseconds to decode, which other sessions' frames must not wait for.
 PARSE_IN_THREAD_CHARS = 256 * 1024
 VIEWER_CANNOT_STEER = "not allowed: a viewer cannot steer the session"
+#: Said to a socket that claims to be a member's relay without the cluster's signature.
+BAD_RELAY = "permission denied: invalid relay signature"
 
 
 class Channel:
@@ -172,6 +177,9 @@ async def stream(ws: WebSocket) -> None:
     state = _state(ws)
     await ws.accept()
     channel = Channel(ws, state.limits.message_gate(), state.metrics)
+    if (relayed := await _relayed(ws, channel)) is None:
+        return
+    member = None if relayed else state.cluster  # a relayed session is not relayed again
     params = ws.query_params
     principal = await state.store.authenticate(params.get("api_key"))
     if principal is None:
@@ -185,6 +193,8 @@ async def stream(ws: WebSocket) -> None:
         await channel.fatal(f"model not found: {model!r} is not allowed, see GET /v1/models")
         return
     except ModelNotAvailable:
+        if member is not None and await _relay_elsewhere(channel, member, model):
+            return
         await channel.fatal(
             f"model not available on this server: {model} is not allowed here, see GET /v1/models"
         )
@@ -196,11 +206,26 @@ async def stream(ws: WebSocket) -> None:
         channel.refused(CREDITS_REASON)
         await channel.fatal(INSUFFICIENT_CREDITS)
         return
-    if (
-        refused := await state.limits.refuse_session(principal.key_id, state.sessions)
-        or state.capacity.refuse(spec, state.sessions.all())
-        or (AT_CAPACITY if engine.full() else None)
-    ):
+    session_id = new_session_id()
+    if state.cluster is None:
+        refused = (
+            await state.limits.refuse_session(principal.key_id, state.sessions)
+            or state.capacity.refuse(spec, state.sessions.all())
+            or (AT_CAPACITY if engine.full() else None)
+        )
+    else:
+        try:
+            refused = await state.cluster.admit(principal.key_id, spec, engine, session_id, relayed)
+        except ClusterUnavailable as exc:
+            logger.warning("cannot place a session: %s", exc)
+            refused = CLUSTER_UNAVAILABLE
+        if (
+            refused == AT_CAPACITY
+            and member is not None
+            and await _relay_elsewhere(channel, member, model)
+        ):
+            return
+    if refused:
         # Transient: clients retry. Nothing is awaited from here until the session is added.
         logger.info(
             "refused a session of key %s: %s",
@@ -214,7 +239,6 @@ async def stream(ws: WebSocket) -> None:
 
     # What is logged from here on, by this task and what it starts (the pipeline, the
     # engine's worker calls, the peer connection), carries the session's fields.
-    session_id = new_session_id()
     log_binding = bind_session(session_id, principal.key_id, model)
     session = Session(
         spec,
@@ -247,11 +271,38 @@ async def stream(ws: WebSocket) -> None:
     finally:
         await session.close(notify=False)
         state.sessions.remove(session)
+        if state.cluster is not None:
+            await state.cluster.release(session.id, model, principal.key_id)
         state.metrics.session_ended(session)  # no await since the removal: counted once
         if session.end_reason == INSUFFICIENT_CREDITS_REASON:
             await channel.fatal(INSUFFICIENT_CREDITS)  # after generation_ended; closes 1008
         await channel.close()
         unbind_session(log_binding)
+
+
+async def _relayed(ws: WebSocket, channel: Channel) -> bool | None:
+    """Whether another member relayed this socket here (its signature checked); None when
+    it claims to be relayed and is not: it has been told so and closed."""
+    signature = ws.headers.get(RELAY_HEADER)
+    if signature is None:
+        return False
+    member = _state(ws).cluster
+    if member is not None and member.is_relay(ws, signature):
+        return True
+    logger.warning("refused a relay with a bad signature from %s", ws.client)
+    await channel.fatal(BAD_RELAY)
+    return None
+
+
+async def _relay_elsewhere(channel: Channel, member: ClusterMember, model: str) -> bool:
+    """Hand this client to another member with room for `model`; False when none has.
+    A Redis outage is told to the client here (transient) and counts as handed over."""
+    try:
+        return await member.relay_stream(channel.ws, model)
+    except ClusterUnavailable as exc:
+        logger.warning("cannot place a session: %s", exc)
+        await channel.fatal(CLUSTER_UNAVAILABLE, CLOSE_TRY_AGAIN_LATER)
+        return True
 
 
 async def _until_either(
@@ -351,11 +402,21 @@ async def subscribe(ws: WebSocket, session_id: str) -> None:
     state = _state(ws)
     await ws.accept()
     channel = Channel(ws, state.limits.message_gate(), state.metrics)
+    if (relayed := await _relayed(ws, channel)) is None:
+        return
     if await state.store.authenticate(ws.query_params.get("api_key")) is None:
         channel.refused(INVALID_KEY_REASON)
         await channel.fatal("invalid api key")
         return
     session = state.sessions.get(session_id)
+    if session is None and relayed is False and state.cluster is not None:
+        try:
+            if await state.cluster.relay_subscribe(ws, session_id):
+                return
+        except ClusterUnavailable as exc:
+            logger.warning("cannot find session %s: %s", session_id, exc)
+            await channel.fatal(CLUSTER_UNAVAILABLE, CLOSE_TRY_AGAIN_LATER)
+            return
     if session is None or session.ended.is_set():
         await channel.fatal(f"invalid session: {session_id}")
         return
