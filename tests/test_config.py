@@ -14,7 +14,15 @@ import pytest
 from livemorph import cli, config
 from livemorph.config import Settings, options
 
-SECRETS = {"database_url", "admin_key", "enhancer_api_key", "metrics_token"}
+SECRETS = {
+    "database_url",
+    "admin_key",
+    "enhancer_api_key",
+    "metrics_token",
+    "redis_url",
+    "cluster_secret",
+    "ice_servers",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -216,3 +224,65 @@ def test_serve_help_lists_every_flag_with_its_variable(
     assert "--no-demo" in out and "--no-fast-receive" in out
     assert "moderation and prompt enhancement:" in out
     assert "limits (0 switches one off):" in out
+
+
+# -- --ice-servers ----------------------------------------------------------------------------
+
+TURN_JSON = (
+    '[{"urls": ["turn:turn.example.org:3478?transport=udp", "turns:turn.example.org"], '
+    '"username": "node", "credential": "hunter2"}]'
+)
+
+
+def test_ice_servers_are_json_a_json_file_or_stun_urls(tmp_path: Path) -> None:
+    turn = config.ice_servers(TURN_JSON)
+    assert [(s.urls, s.username, s.credential) for s in turn] == [
+        (("turn:turn.example.org:3478?transport=udp", "turns:turn.example.org"), "node", "hunter2")
+    ]
+    one = config.ice_servers('{"urls": "stun:127.0.0.1:9"}')  # one object: a list of one
+    assert [s.urls for s in one] == [("stun:127.0.0.1:9",)]
+    listed = config.ice_servers(" stun:a.example:3478, stun:b.example ")
+    assert [s.urls for s in listed] == [("stun:a.example:3478", "stun:b.example")]
+    stored = tmp_path / "ice.json"
+    stored.write_text(TURN_JSON)
+    assert config.ice_servers(str(stored)) == turn
+    assert config.ice_servers(None) == config.ice_servers(" ") == ()
+    assert from_flags("--ice-servers", TURN_JSON).ice_servers == TURN_JSON
+    assert "hunter2" not in repr(from_flags("--ice-servers", TURN_JSON))
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("turn:turn.example.org", "a TURN server needs a username and a credential: give JSON"),
+        ('[{"urls": "turn:h", "username": "u"}]', "a TURN server needs a username and a"),
+        ('[{"urls": "http://h"}]', "not a STUN or TURN URL: 'http://h'"),
+        ('[{"urls": "stun:h?transport=tcp"}]', "a STUN URL takes no transport"),
+        ('[{"urls": "stun:h:70000"}]', "not a port: 'stun:h:70000'"),
+        ('[{"url": "stun:h"}]', "an ICE server has urls, username and credential, not 'url'"),
+        ('[{"urls": []}]', "an ICE server needs 'urls'"),
+        ('["stun:h"]', "an ICE server must be an object"),
+        ("[{", "not valid JSON"),
+        ("/no/such/ice.json", "neither JSON, STUN URLs nor a readable file"),
+    ],
+)
+def test_a_bad_ice_servers_value_stops_serve_by_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str, error: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        from_flags("--ice-servers", value)
+    assert exited.value.code == 2
+    assert f"--ice-servers: {error}" in capsys.readouterr().err
+
+    monkeypatch.setenv("LIVEMORPH_ICE_SERVERS", value)
+    assert cli.main(["serve"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"livemorph: LIVEMORPH_ICE_SERVERS: {error}")
+    assert said.count("\n") == 1
+
+
+def test_an_ice_servers_error_never_shows_the_credential() -> None:
+    bad = '[{"urls": "turn:h", "username": "u", "credential": "hunter2", "extra": 1}]'
+    with pytest.raises(ValueError) as refused:
+        config.ice_servers(bad)
+    assert "hunter2" not in str(refused.value)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from .config import Option, Settings, options
+from .config import Option, Settings, ice_servers, options
 from .logs import configure as configure_logging
 from .logs import install_redaction
 from .storage import AmbiguousKey, KeyNotFound, Store
@@ -63,11 +63,14 @@ def _cmd_serve(settings: Settings) -> int:
     from .engines.registry import EngineLoadError, EngineRegistry, parse_model_engines
     from .server import GracefulServer, create_app
     from .server.tls import TlsError, tls_files
+    from .sessions.session import set_ice_servers
 
     configure_logging(settings.log_level, settings.log_format)
     try:  # before anything is made or started: bad TLS or engine settings stop it in one line
         tls = tls_files(settings)
         EngineRegistry(settings.engine, parse_model_engines(settings.model_engines))
+        # read again: a file named by --ice-servers may have changed since it was checked
+        set_ice_servers(ice_servers(settings.ice_servers))
     except (TlsError, ValueError) as exc:
         print(f"livemorph: {exc}", file=sys.stderr)
         return 2

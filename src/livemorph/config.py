@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import os
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Any
 from platformdirs import user_data_dir
 
 from .models import CATALOG
-from .protocol import MAX_MESSAGE_BYTES
+from .protocol import MAX_MESSAGE_BYTES, IceServer, MessageError, ice_servers_from_json
 
 ENV_PREFIX = "LIVEMORPH_"
 #: What turns a boolean setting off in the environment; any other text turns it on.
@@ -126,6 +127,52 @@ def capacity_counts(text: str, name: str = "--capacity") -> dict[str, int] | Non
 def capacity_value(kind: type[Any], text: str, name: str) -> str:
     """`--capacity` checked when it is given, so a typo stops `serve` at once, by name."""
     capacity_counts(text, name)
+    return text.strip()
+
+
+def ice_servers(text: str | None, name: str = "--ice-servers") -> tuple[IceServer, ...]:
+    """`--ice-servers` read: WebRTC's `iceServers` as JSON (a list of `{"urls", "username",
+    "credential"}`, or one such object), the path of a file holding that JSON, or STUN URLs
+    separated by commas (TURN needs credentials, so JSON). None or blank: none. ValueError
+    names `name` and says what is wrong; a credential is never in it."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    if text[0] in "[{":
+        where = ""
+    elif text.startswith(("stun:", "stuns:", "turn:", "turns:")):
+        urls = [url.strip() for url in text.split(",") if url.strip()]
+        if any(url.startswith("turn") for url in urls):
+            raise ValueError(
+                f"{name}: a TURN server needs a username and a credential: give JSON, "
+                '[{"urls": "turn:host:3478", "username": "u", "credential": "p"}]'
+            )
+        return _ice_servers([{"urls": urls}], "", name)
+    else:
+        where = f" in {text}"
+        try:
+            text = Path(text).expanduser().read_text()
+        except OSError as exc:
+            raise ValueError(
+                f"{name}: neither JSON, STUN URLs nor a readable file ({exc.strerror}: {text})"
+            ) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not valid JSON{where} ({exc})") from None
+    return _ice_servers(data, where, name)
+
+
+def _ice_servers(data: object, where: str, name: str) -> tuple[IceServer, ...]:
+    try:
+        return ice_servers_from_json(data, MessageError)
+    except MessageError as exc:
+        raise ValueError(f"{name}: {exc}{where}") from None
+
+
+def ice_servers_value(kind: type[Any], text: str, name: str) -> str:
+    """`--ice-servers` checked when it is given, so a mistake stops `serve` at once, by name."""
+    ice_servers(text, name)
     return text.strip()
 
 
@@ -236,6 +283,21 @@ class Settings:
             metavar="NAME",
             group=CLUSTER_GROUP,
             shown="the machine's name and a random suffix",
+        ),
+    )
+    # sessions/session.py: the node's peer connections gather with them, and each client
+    # is handed them (protocol.IceServers) for its own.
+    ice_servers: str | None = field(
+        default=None,
+        repr=False,  # TURN credentials
+        metadata=about(
+            "STUN/TURN servers for nodes and clients behind NAT: JSON as WebRTC's "
+            'iceServers, e.g. [{"urls": "turn:turn.example.org:3478", "username": "u", '
+            '"credential": "p"}], a file holding it, or stun: URLs separated by commas',
+            parse=ice_servers_value,
+            metavar="JSON|FILE|URLS",
+            group=CLUSTER_GROUP,
+            shown="none: clients reach the node directly",
         ),
     )
     engine: str | None = field(

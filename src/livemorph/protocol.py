@@ -14,11 +14,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Final, Self
 
-from aiortc import RTCIceCandidate
+from aiortc import RTCIceCandidate, RTCIceServer
 from aiortc.sdp import candidate_from_sdp
 
 #: Error texts containing any of these end a client's retries (case-insensitive).
@@ -465,6 +466,109 @@ class Error(Message):
         return cls(message.optional_text("error") or "unknown server error")
 
 
+#: A STUN or TURN URL (RFC 7064, RFC 7065): scheme, host, optional port, and for TURN an
+#: optional transport. No bracketed IPv6 address: aiortc cannot read one.
+_ICE_URL = re.compile(
+    r"(?P<scheme>stuns?|turns?):(?P<host>[^\s?:/@\[\]]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IceServer:
+    """One STUN or TURN server in WebRTC's `RTCIceServer` form (`urls`, `username`,
+    `credential`), the form a browser's `new RTCPeerConnection({iceServers})` takes as is.
+
+    TURN needs a username and a credential; STUN has neither. The credential is a secret:
+    out of repr, so out of the logs."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_json(cls, data: object, fail: Callable[[str], MessageError]) -> IceServer:
+        """One server from its JSON object; `fail(...)` says what is wrong."""
+        if not isinstance(data, dict):
+            raise fail('an ICE server must be an object like {"urls": "stun:host:3478"}')
+        if unknown := sorted(set(data) - {"urls", "username", "credential"}):
+            raise fail(f"an ICE server has urls, username and credential, not {unknown[0]!r}")
+        urls = data.get("urls")
+        listed = [urls] if isinstance(urls, str) else urls
+        if not isinstance(listed, list) or not listed:
+            raise fail("an ICE server needs 'urls': a URL or a list of them")
+        for url in listed:
+            if not isinstance(url, str) or not (match := _ICE_URL.fullmatch(url)):
+                raise fail(
+                    f"not a STUN or TURN URL: {url!r} (stun:host:3478, "
+                    "turn:host:3478?transport=udp, turns:host:5349)"
+                )
+            if match["scheme"].startswith("stun") and match["transport"]:
+                raise fail(f"a STUN URL takes no transport: {url!r}")
+            if match["port"] and not 0 < int(match["port"]) < 65536:
+                raise fail(f"not a port: {url!r}")
+        username, credential = data.get("username"), data.get("credential")
+        for key, value in (("username", username), ("credential", credential)):
+            if value is not None and not isinstance(value, str):
+                raise fail(f"an ICE server's {key} must be a string")
+        if any(url.startswith("turn") for url in listed) and not (username and credential):
+            raise fail(f"a TURN server needs a username and a credential: {listed[0]!r}")
+        return cls(tuple(listed), username, credential)
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {"urls": list(self.urls)}
+        if self.username is not None:
+            data["username"] = self.username
+        if self.credential is not None:
+            data["credential"] = self.credential
+        return data
+
+    def to_aiortc(self) -> RTCIceServer:
+        return RTCIceServer(list(self.urls), self.username, self.credential)
+
+
+def ice_servers_from_json(
+    data: object, fail: Callable[[str], MessageError]
+) -> tuple[IceServer, ...]:
+    """A list of servers (or one server's object) from JSON; `fail(...)` says what is wrong."""
+    listed = [data] if isinstance(data, dict) else data
+    if not isinstance(listed, list):
+        raise fail('ICE servers are a JSON list like [{"urls": "stun:host:3478"}]')
+    return tuple(IceServer.from_json(item, fail) for item in listed)
+
+
+@dataclass(frozen=True, slots=True)
+class IceServers(Message):
+    """The STUN and TURN servers the node uses (`--ice-servers`), handed to the client for
+    its own peer connection; sent only by a node that has some.
+
+    Ours, not the published clients': `@decartai/sdk@0.0.46` knows an `ice-restart` that
+    carries one TURN server (`turn_config: {server_url, username, credential}`), but on it
+    the browser closes its peer connection and sends a new offer on the same socket, and
+    this server answers one offer per socket; before its first offer the browser drops it
+    unread. `decart==0.0.30` reads neither. So this is a message of its own, which both
+    published clients ignore, in the browser's `RTCIceServer` form.
+
+    Sent once on each socket before anything the client's peer connection needs: to a
+    publisher after `session_id` and before the reply to its first message, to a viewer at
+    once. Our SDKs use the servers when they arrived before they made their peer connection
+    (a publisher that sends its initial state first, as the Python SDK always does) and on
+    every later attempt of the same connection. A client that never hears them still
+    reaches the node: the node's own server-reflexive and relayed candidates are in its
+    `answer`; the client's own matter where its network lets it reach no relay but its
+    own TURN server (UDP blocked: TURN over TCP or TLS)."""
+
+    type: ClassVar[str] = "ice_servers"
+    ice_servers: tuple[IceServer, ...]
+
+    def body(self) -> dict[str, object]:
+        return {"ice_servers": [server.to_json() for server in self.ice_servers]}
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(ice_servers_from_json(message.get("ice_servers"), message.fail))
+
+
 ClientMessage = Prompt | SetImage | Offer | IceCandidate
 ServerMessage = (
     SessionId
@@ -476,6 +580,7 @@ ServerMessage = (
     | GenerationTick
     | GenerationEnded
     | Error
+    | IceServers
 )
 
 #: What clients send, by `type`.
@@ -499,6 +604,7 @@ SERVER_MESSAGES: Mapping[str, type[ServerMessage]] = {
         GenerationTick,
         GenerationEnded,
         Error,
+        IceServers,
     )
 }
 

@@ -210,6 +210,8 @@ class _LiveConnection:
         self._send = list(send)
         self._receive = tuple(receive)
         self._ice_servers = list(ice_servers)
+        #: What the server handed over on the last attempt, for the next (signaling.py).
+        self._handed_ice_servers: list[RTCIceServer] = []
         self._customize_offer = customize_offer
         self._retry = retry
         self._connect_timeout = connect_timeout
@@ -441,6 +443,7 @@ class _LiveConnection:
             self._url,
             on_event=on_event,
             ice_servers=self._ice_servers,
+            handed_ice_servers=self._handed_ice_servers,
             customize_offer=self._customize_offer,
             fast_receive=self._fast_receive,
             ssl=self._ssl,
@@ -466,6 +469,8 @@ class _LiveConnection:
             if isinstance(exc, LivemorphError) or not isinstance(exc, Exception):
                 raise
             raise LivemorphError(f"connection failed: {exc}", ErrorCode.WEB_RTC_ERROR) from exc
+        finally:
+            self._handed_ice_servers = signaling.handed_ice_servers
 
     async def _prepare(self, signaling: Signaling) -> None:
         """Messages to exchange before the offer (a publisher's initial state)."""
@@ -771,8 +776,10 @@ class RealtimeAPI:
         `stream` is a video track, a sequence of tracks, or a player with `.video`.
         `model` is a `ModelSpec` or a model name. `initial_state` is
         `{"prompt": {"text": ..., "enhance": True} | str, "image": ...}`, applied before the
-        first frame. `on_remote_stream(track)` runs once per remote track. No STUN or TURN
-        servers are used unless `ice_servers` names some: the server is reached directly.
+        first frame. `on_remote_stream(track)` runs once per remote track. The peer
+        connection uses `ice_servers`, then those the server hands over (its
+        `--ice-servers`, in an `ice_servers` message before the opening ack); with neither,
+        no STUN or TURN: the server is reached directly.
         `fast_receive=False` keeps aiortc's stock receive path (one frame slower; for
         comparison, or should aiortc's internals change).
 
@@ -826,7 +833,10 @@ class RealtimeAPI:
         connect_timeout: float = 30.0,
         fast_receive: bool = True,
     ) -> Subscription:
-        """Watch the session that `token` (a publisher's `subscribe_token`) names."""
+        """Watch the session that `token` (a publisher's `subscribe_token`) names.
+
+        `ice_servers` as for `connect`; the server's own are used when they arrive before
+        the offer is made (a viewer offers at once) and on every retry and reconnect."""
         try:
             target = decode_subscribe_token(token)
         except ValueError:

@@ -43,6 +43,7 @@ from ..protocol import (
     GenerationStarted,
     GenerationTick,
     IceCandidate,
+    IceServers,
     MessageError,
     Offer,
     Prompt,
@@ -129,6 +130,7 @@ class Signaling:
         *,
         on_event: EventHandler | None = None,
         ice_servers: Sequence[RTCIceServer] = (),
+        handed_ice_servers: Sequence[RTCIceServer] = (),
         customize_offer: OfferHook | None = None,
         open_timeout: float = 10.0,
         fast_receive: bool = True,
@@ -147,6 +149,10 @@ class Signaling:
         self._last_was_error = False
         self._on_event = on_event
         self._ice_servers = list(ice_servers)
+        #: The servers the server handed over (`ice_servers`), used after `ice_servers`
+        #: when they arrive before the peer connection is made; a reconnect starts with
+        #: the last attempt's.
+        self.handed_ice_servers = list(handed_ice_servers)
         self._customize_offer = customize_offer
         self._open_timeout = open_timeout
         self._ws: WebSocketLike | None = None
@@ -322,7 +328,8 @@ class Signaling:
             if self._end_error is not None:
                 raise _fresh(self._end_error)
             raise LivemorphError("connection closed", ErrorCode.WEB_RTC_ERROR)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        servers = [*self._ice_servers, *self.handed_ice_servers]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self.pc = pc
         pc.on("track", self._on_track)
         pc.on("connectionstatechange", self._on_pc_state)
@@ -421,6 +428,8 @@ class Signaling:
                 self._resolve(self._pending_images, message, "image")
             case GenerationStarted():
                 self._set_state("generating")
+            case IceServers(ice_servers=servers):
+                self.handed_ice_servers = [server.to_aiortc() for server in servers]
             case GenerationTick() | GenerationEnded():
                 self._emit(message)
             case Error(error=text):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -25,7 +25,15 @@ from ..media.jitter import install_on_peer_connection
 from ..media.shared_encoder import SharedVp8Encoder, output_encoder
 from ..models import ModelSpec
 from ..policy import Expansion, Policy
-from ..protocol import Candidate, GenerationEnded, GenerationStarted, GenerationTick, ServerMessage
+from ..protocol import (
+    Candidate,
+    GenerationEnded,
+    GenerationStarted,
+    GenerationTick,
+    IceServer,
+    IceServers,
+    ServerMessage,
+)
 from ..storage import Principal
 from .metering import INSUFFICIENT_CREDITS_REASON, Meter, Unmetered
 from .pipeline import FrameTimings, Pipeline, SessionClosedError
@@ -57,9 +65,36 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+#: The node's STUN and TURN servers (`--ice-servers`); none: clients reach it directly.
+_ice_servers: tuple[IceServer, ...] = ()
+
+
+def set_ice_servers(servers: Iterable[IceServer]) -> None:
+    """Set the STUN and TURN servers of every peer connection made from now on, and those
+    handed to clients (`IceServers`). Called once by `livemorph serve`: a setting of the
+    process, as the media modules' are, so it reaches sessions without the server's
+    modules passing it down."""
+    global _ice_servers
+    _ice_servers = tuple(servers)
+
+
+def ice_servers() -> tuple[IceServer, ...]:
+    return _ice_servers
+
+
 def new_peer_connection() -> RTCPeerConnection:
-    """A peer connection with no STUN/TURN: clients reach this node directly."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    """A peer connection that gathers with the node's ICE servers, if it has any: a node
+    behind NAT then offers server-reflexive (STUN) and relayed (TURN) candidates in its
+    answer. aiortc reads the first STUN and the first TURN URL it can use (turn: over UDP
+    or TCP, turns: over TCP) and waits at most 5 s for them while it answers."""
+    servers = [server.to_aiortc() for server in _ice_servers]
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+
+async def hand_ice_servers(send: Send) -> None:
+    """Tell a client the node's ICE servers, when it has some (docs/protocol.md)."""
+    if _ice_servers:
+        await send(IceServers(_ice_servers))
 
 
 async def add_ice_candidate(pc: RTCPeerConnection | None, candidate: Candidate) -> None:
@@ -114,6 +149,15 @@ class Session:
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._greeted = False
+
+    async def _greet(self) -> None:
+        """Hand the client the node's ICE servers before the reply to its first message:
+        after `session_id` (sent before the server reads any message), before any ack or
+        answer, so a client that waits for its opening ack knows them before its offer."""
+        if not self._greeted:
+            self._greeted = True
+            await hand_ice_servers(self._send)
 
     # -- control ----------------------------------------------------------------------
 
@@ -121,6 +165,7 @@ class Session:
         """Restyle by `prompt` from the next frame on (`enhance` None: on); returns the
         enhanced prompt for the ack, if any. Raises `InputRefused`; `SessionClosedError`
         when the session ended meanwhile."""
+        await self._greet()
         enhance = True if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt)) is not None:
             logger.info("session %s: %s", self.id, refused)
@@ -136,6 +181,7 @@ class Session:
         prompt or keeping the current one; `enhance` None keeps the current setting. The
         prompt and the image are moderated together: a refusal of either applies neither.
         Returns the enhanced prompt for the ack, if any; raises as `set_prompt`."""
+        await self._greet()
         enhance = self.controls.enhance if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt, image=image)) is not None:
             logger.info("session %s: %s", self.id, refused)
@@ -155,6 +201,7 @@ class Session:
 
     async def passthrough(self) -> None:
         """No transformation until the next prompt or image."""
+        await self._greet()
         await self.apply(Controls())
 
     async def apply(self, controls: Controls) -> None:
@@ -189,6 +236,7 @@ class Session:
 
     async def accept_offer(self, sdp: str) -> str:
         """Answer the client's offer: its video goes into the pipeline, its audio comes back."""
+        await self._greet()
         if self.pc is not None:
             raise ValueError("this session already has a peer connection")
         if self.pipeline.engine.listens and self.controls.image is None:
@@ -253,6 +301,7 @@ class Session:
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
+        await self._greet()
         await add_ice_candidate(self.pc, candidate)
 
     # -- usage ------------------------------------------------------------------------
@@ -287,8 +336,10 @@ class Session:
     # -- viewers ----------------------------------------------------------------------
 
     async def add_viewer(self, send: Send) -> Viewer:
+        """A viewer that talks through `send`; it hears the node's ICE servers first."""
         viewer = Viewer(self, send)
         self.viewers.add(viewer)
+        await hand_ice_servers(send)
         return viewer
 
     # -- teardown ---------------------------------------------------------------------

@@ -124,7 +124,11 @@ export interface RealTimeClientConnectOptions {
   onRemoteStream?: (stream: MediaStream) => void;
   initialState?: RealTimeClientInitialState;
   customizeOffer?: (offer: RTCSessionDescriptionInit) => Promise<void> | void;
-  /** STUN/TURN servers; none by default: the server is reached directly. */
+  /**
+   * STUN/TURN servers; none by default: the server is reached directly. Those the server
+   * hands over (its `--ice-servers`) are used after these when they arrive before the offer
+   * (a session with an initial prompt or image) and on every reconnect.
+   */
   iceServers?: RTCIceServer[];
   retry?: RetryPolicy;
   /** How long one attempt may take to get the peer connection up, in ms (default 30000). */

@@ -399,7 +399,13 @@ export function addVp8Bitrate(sdp, minKbps = 300, startKbps = 600) {
 class Signaling {
   constructor(
     url,
-    { onEvent, iceServers = [], customizeOffer = null, openTimeout = OPEN_TIMEOUT_MS },
+    {
+      onEvent,
+      iceServers = [],
+      handedIceServers = [],
+      customizeOffer = null,
+      openTimeout = OPEN_TIMEOUT_MS,
+    },
   ) {
     this.url = url;
     this.state = "connecting";
@@ -413,6 +419,9 @@ class Signaling {
     this._lastWasError = false;
     this._onEvent = onEvent;
     this._iceServers = iceServers;
+    // The server's own (an `ice_servers` message), used after `iceServers` when they arrive
+    // before the peer connection is made; a reconnect starts with the last attempt's.
+    this.handedIceServers = handedIceServers;
     this._customizeOffer = customizeOffer;
     this._openTimeout = openTimeout;
     this._pendingPrompts = new Map();
@@ -559,7 +568,9 @@ class Signaling {
    */
   async negotiate(stream, { receive = [], connectTimeout = CONNECT_TIMEOUT_MS } = {}) {
     this._throwIfEnded();
-    const pc = new RTCPeerConnection({ iceServers: this._iceServers });
+    const pc = new RTCPeerConnection({
+      iceServers: [...this._iceServers, ...this.handedIceServers],
+    });
     this.pc = pc;
     for (const kind of receive) pc.addTransceiver(kind, { direction: "recvonly" });
     if (stream) for (const track of stream.getTracks()) pc.addTrack(track, stream);
@@ -652,6 +663,9 @@ class Signaling {
         break;
       case "generation_started":
         this._setState("generating");
+        break;
+      case "ice_servers":
+        if (Array.isArray(data.ice_servers)) this.handedIceServers = data.ice_servers;
         break;
       case "generation_tick":
         this._emit("generation_tick", Number(data.seconds) || 0);
@@ -751,6 +765,7 @@ class LiveConnection {
     this._release = options.release || null;
     this._onRemoteStream = options.onRemoteStream || null;
     this._iceServers = options.iceServers || [];
+    this._handedIceServers = [];
     this._customizeOffer = options.customizeOffer || null;
     this._delays = retryDelays(options.retry);
     this._connectTimeout = options.connectTimeout ?? CONNECT_TIMEOUT_MS;
@@ -906,6 +921,7 @@ class LiveConnection {
     const signaling = new Signaling(this._url, {
       onEvent: (kind, payload) => this._onSignal(signaling, kind, payload),
       iceServers: this._iceServers,
+      handedIceServers: this._handedIceServers,
       customizeOffer: this._customizeOffer,
     });
     this._signaling = signaling;
@@ -922,6 +938,8 @@ class LiveConnection {
       signaling.close();
       if (this._signaling === signaling) this._signaling = null;
       throw error;
+    } finally {
+      this._handedIceServers = signaling.handedIceServers;
     }
   }
 
