@@ -19,6 +19,7 @@ import websockets
 from livemorph import LivemorphError, RetryPolicy, create_client
 from livemorph.cluster.relay import RELAY_HEADER, sign
 from livemorph.protocol import decode_subscribe_token
+from livemorph.server.cluster import CLUSTER_UNAVAILABLE
 from livemorph.server.limits import AT_CAPACITY, TOO_MANY_SESSIONS
 from livemorph.testing import LiveServer, start_server, stop_server
 from tests.media import FrameSink, SceneTrack, mean_abs_diff, photo
@@ -312,3 +313,34 @@ async def test_a_killed_node_costs_its_client_a_reconnect_elsewhere_with_its_pro
             await rt.disconnect()
             await held.disconnect()
         before.process.wait()
+
+
+async def test_a_redis_outage_refuses_new_sessions_and_spares_running_ones(
+    tmp_path, postgres: PostgresServer
+) -> None:
+    with redis_server() as redis, cluster_of(tmp_path, postgres, redis, 2) as two:
+        a, b = two.nodes
+        async with (
+            create_client(api_key=a.api_key, base_url=a.base_url) as on_a,
+            create_client(api_key=b.api_key, base_url=b.base_url) as on_b,
+        ):
+            running = await on_a.realtime.connect(SceneTrack(320, 176), model="mirage", retry=QUICK)
+            relayed = await on_a.realtime.connect(SceneTrack(320, 176), model="mirage", retry=QUICK)
+            assert _serving_port(relayed) == two.port(b)
+            redis.stop()
+            with pytest.raises(LivemorphError) as refused:
+                await on_b.realtime.connect(SceneTrack(320, 176), model="mirage", retry=ONCE)
+            assert CLUSTER_UNAVAILABLE in str(refused.value)
+            # both streams go on, the relayed one's signaling included: it takes a prompt
+            await _frames(running)
+            await _frames(relayed)
+            await relayed.set_prompt("sepia")
+            assert running.get_connection_state() == "generating"
+
+            redis.start()  # empty, as after a restart without persistence: nodes re-announce
+            await relayed.disconnect()
+            await eventually(lambda: b.active_sessions() == 0)
+            again = await on_b.realtime.connect(SceneTrack(320, 176), model="mirage", retry=QUICK)
+            await _frames(again)
+            await again.disconnect()
+            await running.disconnect()
