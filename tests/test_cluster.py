@@ -19,8 +19,7 @@ import websockets
 from livemorph import LivemorphError, RetryPolicy, create_client
 from livemorph.cluster.relay import RELAY_HEADER, sign
 from livemorph.protocol import decode_subscribe_token
-from livemorph.server.cluster import CLUSTER_UNAVAILABLE
-from livemorph.server.limits import AT_CAPACITY, TOO_MANY_SESSIONS
+from livemorph.server.limits import AT_CAPACITY, CLUSTER_UNAVAILABLE, TOO_MANY_SESSIONS
 from livemorph.testing import LiveServer, start_server, stop_server
 from tests.media import FrameSink, SceneTrack, mean_abs_diff, photo
 from tests.postgres import PostgresServer
@@ -132,6 +131,14 @@ def _serving_port(rt) -> int:
     return decode_subscribe_token(rt.subscribe_token).port
 
 
+def _counted(exposition: str, series: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith(series + " ")
+    )
+
+
 async def _frames(rt) -> None:
     sink = FrameSink(rt.video_track)
     try:
@@ -173,11 +180,10 @@ async def test_sessions_through_one_node_land_on_three_and_a_fourth_is_refused(
 
 async def test_a_viewer_through_another_node_sees_the_session(cluster: Cluster) -> None:
     a, b, _ = cluster.nodes
-    # b's one place taken by a session opened on b itself; the watched one is relayed to c
+    # b's one place taken by a session opened on b itself; the watched one is relayed on
     async with (
         create_client(api_key=b.api_key, base_url=b.base_url) as on_b,
         create_client(api_key=a.api_key, base_url=b.base_url) as through_b,
-        create_client(api_key=a.api_key, base_url=a.base_url) as viewer_client,
     ):
         filler = await on_b.realtime.connect(SceneTrack(320, 176), model="mirage", retry=QUICK)
         watched = await through_b.realtime.connect(
@@ -185,13 +191,22 @@ async def test_a_viewer_through_another_node_sees_the_session(cluster: Cluster) 
         )
         try:
             assert _serving_port(filler) == cluster.port(b)
-            assert _serving_port(watched) != cluster.port(b), "placed elsewhere"
-            # the viewer asks a, which holds neither: a finds the session's node in redis
-            viewer = await viewer_client.realtime.subscribe(watched.subscribe_token, retry=QUICK)
-            try:
-                await _frames(viewer)
-            finally:
-                await viewer.disconnect()
+            holder = cluster.node_at(_serving_port(watched))
+            assert holder is not b, "placed elsewhere"
+            # the viewer asks the third node, which holds neither: it finds the session's
+            # node in redis
+            third = next(node for node in cluster.nodes if node not in (b, holder))
+            async with create_client(api_key=a.api_key, base_url=third.base_url) as viewing:
+                viewer = await viewing.realtime.subscribe(watched.subscribe_token, retry=QUICK)
+                try:
+                    await _frames(viewer)
+                finally:
+                    await viewer.disconnect()
+            async with httpx.AsyncClient() as http:
+                on_third = (await http.get(f"{third.base_url}/metrics")).text
+                on_b_metrics = (await http.get(f"{b.base_url}/metrics")).text
+            assert _counted(on_third, 'livemorph_relays_total{kind="subscribe"}') >= 1
+            assert _counted(on_b_metrics, 'livemorph_relays_total{kind="stream"}') >= 1
         finally:
             await watched.disconnect()
             await filler.disconnect()

@@ -62,6 +62,7 @@ def _cmd_serve(settings: Settings) -> int:
 
     from .engines.registry import EngineLoadError, EngineRegistry, parse_model_engines
     from .server import GracefulServer, create_app
+    from .server.cluster import settings_problem
     from .server.tls import TlsError, tls_files
     from .sessions.session import set_ice_servers
 
@@ -71,6 +72,8 @@ def _cmd_serve(settings: Settings) -> int:
         EngineRegistry(settings.engine, parse_model_engines(settings.model_engines))
         # read again: a file named by --ice-servers may have changed since it was checked
         set_ice_servers(ice_servers(settings.ice_servers))
+        if problem := settings_problem(settings):
+            raise ValueError(problem)
     except (TlsError, ValueError) as exc:
         print(f"livemorph: {exc}", file=sys.stderr)
         return 2

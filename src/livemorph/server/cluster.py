@@ -29,6 +29,7 @@ import math
 import secrets
 import socket
 import time
+from collections.abc import Callable
 
 from fastapi import WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
@@ -50,12 +51,15 @@ from ..protocol import Error as ErrorMessage
 from ..protocol import parse_server
 from ..sessions import SessionRegistry
 from .capacity import EPSILON, Capacity
-from .limits import AT_CAPACITY, TOO_MANY_NEW_SESSIONS, TOO_MANY_SESSIONS, Limits
+from .limits import (
+    AT_CAPACITY,
+    TOO_MANY_NEW_SESSIONS,
+    TOO_MANY_SESSIONS,
+    Limits,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Transient, so clients retry: a Redis outage should pass.
-CLUSTER_UNAVAILABLE = "Cluster unavailable, try again shortly"
 #: Seconds between heartbeats; a record lives `Directory.ttl` (5 s) without one.
 HEARTBEAT = 1.0
 #: Seconds a relayed node has to say its first word (`session_id`, or why not) before the
@@ -118,7 +122,8 @@ class ClusterMember:
         self.capacity = capacity
         self.limits = limits
         self.started = time.time()
-        self.relayed_out = 0
+        #: Called with "stream" or "subscribe" for each socket relayed to another member.
+        self.on_relay: Callable[[str], None] = lambda kind: None
         self._wake = asyncio.Event()
         self._heart: asyncio.Task[None] | None = None
         self._reachable = True
@@ -258,24 +263,25 @@ class ClusterMember:
         except RelayFailed as exc:
             logger.warning("cluster: passed over node %s: %s", node.name, exc)
             return False
-        try:
-            first = await asyncio.wait_for(upstream.recv(), FIRST_REPLY_TIMEOUT)
-        except Exception as exc:  # closed, timed out: the node cannot take it
-            logger.warning("cluster: node %s did not answer a relay: %r", node.name, exc)
-            await upstream.close()
-            return False
-        if model is not None and _says_at_capacity(first):
-            await upstream.close()  # full since its last heartbeat: try the next
-            return False
-        self.relayed_out += 1
+        downstream = _downstream(ws)
+        if model is not None:  # a publisher hears first (`session_id`, or why not)
+            try:
+                first = await asyncio.wait_for(upstream.recv(), FIRST_REPLY_TIMEOUT)
+            except Exception as exc:  # closed, timed out: the node cannot take it
+                logger.warning("cluster: node %s did not answer a relay: %r", node.name, exc)
+                await upstream.close()
+                return False
+            if _says_at_capacity(first):
+                await upstream.close()  # full since its last heartbeat: try the next
+                return False
+            await downstream.send(first)
+        self.on_relay("subscribe" if model is None else "stream")
         logger.info(
-            "relayed %s to node %s (%.0f ms to its first reply)",
+            "relayed %s to node %s (%.0f ms)",
             ws.scope["path"],
             node.name,
             (time.perf_counter() - started) * 1000,
         )
-        downstream = _downstream(ws)
-        await downstream.send(first)
         await pump(downstream, upstream)
         return True
 
@@ -350,7 +356,6 @@ def member_from_settings(
 
 
 __all__ = [
-    "CLUSTER_UNAVAILABLE",
     "ClusterMember",
     "member_from_settings",
     "node_name",

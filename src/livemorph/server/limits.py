@@ -21,6 +21,8 @@ AT_CAPACITY = "Server at capacity, try again shortly"
 TOO_MANY_SESSIONS = "Too many sessions for this key, try again shortly"
 TOO_MANY_NEW_SESSIONS = "Too many new sessions for this key, try again shortly"
 TOO_MANY_MESSAGES = "rate limit: too many messages, slow down"
+#: A cluster member that cannot reach Redis places no session (server/cluster.py).
+CLUSTER_UNAVAILABLE = "Cluster unavailable, try again shortly"
 
 Clock = Callable[[], float]
 
@@ -188,6 +190,7 @@ class MessageGate:
 
 __all__ = [
     "AT_CAPACITY",
+    "CLUSTER_UNAVAILABLE",
     "TOO_MANY_MESSAGES",
     "TOO_MANY_NEW_SESSIONS",
     "TOO_MANY_SESSIONS",

@@ -39,7 +39,13 @@ from prometheus_client.registry import Collector
 from .._version import __version__
 from ..protocol import CLIENT_MESSAGES, SERVER_MESSAGES
 from ..sessions.pipeline import FrameTimings
-from .limits import AT_CAPACITY, TOO_MANY_MESSAGES, TOO_MANY_NEW_SESSIONS, TOO_MANY_SESSIONS
+from .limits import (
+    AT_CAPACITY,
+    CLUSTER_UNAVAILABLE,
+    TOO_MANY_MESSAGES,
+    TOO_MANY_NEW_SESSIONS,
+    TOO_MANY_SESSIONS,
+)
 
 if TYPE_CHECKING:
     from ..engines import EngineRegistry
@@ -54,11 +60,13 @@ RATE_LIMIT_REASON = "rate_limit"
 INVALID_KEY_REASON = "invalid_key"
 MODERATION_REASON = "moderation"
 CREDITS_REASON = "insufficient_credits"
+CLUSTER_REASON = "cluster_unavailable"
 _LIMIT_REASONS = {
     AT_CAPACITY: AT_CAPACITY_REASON,
     TOO_MANY_SESSIONS: KEY_LIMIT_REASON,
     TOO_MANY_NEW_SESSIONS: RATE_LIMIT_REASON,
     TOO_MANY_MESSAGES: RATE_LIMIT_REASON,
+    CLUSTER_UNAVAILABLE: CLUSTER_REASON,
 }
 
 #: Message types as the protocol names them; anything else a client sends is "unknown",
@@ -100,6 +108,12 @@ class Metrics:
             f"{PREFIX}_websocket_messages",
             "WebSocket messages by direction (in: from clients) and protocol type",
             ["direction", "type"],
+            registry=reg,
+        )
+        self.relays = Counter(
+            f"{PREFIX}_relays",
+            "Sockets this cluster member relayed to the member serving them: stream, subscribe",
+            ["kind"],
             registry=reg,
         )
         self.engine_seconds = Histogram(
@@ -162,6 +176,9 @@ class Metrics:
     def refused_by_limit(self, text: str) -> None:
         """A refusal by one of server/limits.py's texts."""
         self.refused(_LIMIT_REASONS.get(text, RATE_LIMIT_REASON))
+
+    def relayed(self, kind: str) -> None:
+        self.relays.labels(kind).inc()
 
     def message(self, direction: str, kind: str) -> None:
         self.messages.labels(direction, kind if kind in KNOWN_TYPES else UNKNOWN_TYPE).inc()

@@ -64,6 +64,9 @@ class AppState:
         if capacity.on:
             metrics.registry.register(CapacityMetrics(capacity, sessions.all))
         limits = Limits.from_settings(settings, monotonic_clock)
+        cluster = member_from_settings(settings, sessions, engines, capacity, limits)
+        if cluster is not None:
+            cluster.on_relay = metrics.relayed
         return cls(
             settings=settings,
             store=store,
@@ -78,7 +81,7 @@ class AppState:
             limits=limits,
             metrics=metrics,
             capacity=capacity,
-            cluster=member_from_settings(settings, sessions, engines, capacity, limits),
+            cluster=cluster,
         )
 
     async def open(self) -> None:

@@ -49,8 +49,8 @@ from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
 from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
-from .cluster import CLUSTER_UNAVAILABLE, ClusterMember
-from .limits import AT_CAPACITY, TOO_MANY_MESSAGES, MessageGate
+from .cluster import ClusterMember
+from .limits import AT_CAPACITY, CLUSTER_UNAVAILABLE, TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
     AT_CAPACITY_REASON,
     CREDITS_REASON,
