@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -20,7 +21,13 @@ from livemorph.cluster import (
 )
 from livemorph.cluster.relay import sign, verify
 from livemorph.config import Settings
-from livemorph.server.cluster import node_url, settings_problem
+from livemorph.engines import EngineRegistry
+from livemorph.models import CATALOG, ModelSpec
+from livemorph.server.capacity import Capacity
+from livemorph.server.cluster import ClusterMember, node_url, settings_problem
+from livemorph.server.limits import Limits
+from livemorph.sessions import SessionRegistry
+from livemorph.storage import Principal
 from livemorph.testing import free_port, run_cli
 from tests.inprocess import serve_in_process
 from tests.redis_server import RedisServer, redis_server
@@ -236,3 +243,45 @@ async def test_a_single_node_lists_itself(tmp_path) -> None:
         assert report["clustered"] is False
         assert [n["name"] for n in report["nodes"]] == ["solo"]
         assert report["nodes"][0]["sessions"] == []
+
+
+def test_a_nodes_room_is_the_least_its_limits_leave() -> None:
+    """What a member announces: per model, the sessions `--max-sessions`, its configured
+    capacity and its engine still leave; `None` where nothing limits it."""
+
+    @dataclass
+    class Running:
+        spec: ModelSpec
+        id: str
+        principal: Principal = field(default_factory=lambda: Principal("key"))
+        pipeline: object = field(default_factory=lambda: SimpleNamespace(frames_in=0, frames_out=0))
+        pc: object | None = None
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", cluster_secret="s")
+    sessions = SessionRegistry(max_sessions=3)
+    engines = EngineRegistry("passthrough")
+    capacity = Capacity({"mirage": 2}, estimate=False)
+    directory = Directory.from_url(settings.redis_url or "")
+    member = ClusterMember(
+        directory, settings, sessions, engines, capacity, Limits.from_settings(settings)
+    )
+    mirage, avatar = CATALOG["mirage"], CATALOG["live_avatar"]
+    assert member.room(mirage) == 2, "its capacity, under --max-sessions"
+    assert member.room(avatar) == 3, "not configured: --max-sessions alone"
+    sessions.add(Running(mirage, "s1"))  # type: ignore[arg-type]
+    assert member.room(mirage) == 1
+    assert member.room(avatar) == 2, "capacity does not limit a model it neither names nor measures"
+    sessions.add(Running(mirage, "s2"))  # type: ignore[arg-type]
+    assert member.room(mirage) == 0, "its capacity is full"
+    assert member.room(avatar) == 1, "one place left under --max-sessions"
+    snapshot = member.snapshot()
+    assert snapshot.room["mirage"] == 0 and len(snapshot.sessions) == 2
+    unlimited = ClusterMember(
+        directory,
+        settings,
+        SessionRegistry(),
+        engines,
+        Capacity(estimate=False),
+        Limits.from_settings(settings),
+    )
+    assert unlimited.room(mirage) is None

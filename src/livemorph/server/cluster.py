@@ -141,8 +141,9 @@ class ClusterMember:
                 return 0
             share, load = self.capacity.share(spec.name), self.capacity.load(running)
             if share > 0:
-                fits = 1 if load <= 0 else math.floor((1.0 - load) / share + EPSILON)
-                counts.append(max(0, fits))
+                fits = math.floor((1.0 - load) / share + EPSILON)
+                # an empty node takes one whatever the figures say (Capacity.refusal)
+                counts.append(max(1 if load <= 0 else 0, fits))
         engine = engine or self.engines.loaded(spec.name)
         if engine is not None and engine.full():
             return 0
