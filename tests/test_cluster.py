@@ -164,6 +164,11 @@ async def test_sessions_through_one_node_land_on_three_and_a_fourth_is_refused(
         for rt in sessions:
             await _frames(rt)
         await eventually(lambda: sorted(cluster.sessions_by_node().values()) == [1, 1, 1])
+        report = cluster.report(via=cluster.nodes[2])  # any node answers for all
+        assert report["clustered"] and report["node"] == "c"
+        for node in report["nodes"]:
+            assert node["engines"]["mirage"] == "grade" and node["room"]["mirage"] == 0
+            assert [s["model"] for s in node["sessions"]] == ["mirage"]
 
         with pytest.raises(LivemorphError) as refused:
             await clients[3].realtime.connect(SceneTrack(320, 176), model="mirage", retry=ONCE)

@@ -71,6 +71,8 @@ class Node:
     version: str
     started: float
     sessions: tuple[SessionEntry, ...] = field(default=())
+    #: The engine serving each model here, by name without its arguments.
+    engines: dict[str, str] = field(default_factory=dict)
 
     def takes(self, model: str) -> bool:
         """Whether this node serves `model` and has room for one more session of it."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._version import __version__
 from ..cluster import ClusterUnavailable
+from ..models import CATALOG
 from ..storage import ApiKey, KeyNotFound, SessionUsage, UsageDay
 from ..storage.store import hash_secret
 from .rest import ErrorResponse, _describe, _state, error
@@ -346,6 +347,7 @@ class ClusterNode(BaseModel):
     room: dict[str, int | None] = Field(
         description="Per model served: sessions it takes now; null: no limit known."
     )
+    engines: dict[str, str] = Field(description="The engine serving each model there.")
     load: float
     version: str
     startedAt: str
@@ -382,6 +384,11 @@ async def cluster(request: Request, credential: AdminCredential) -> Any:
             publicHost=state.settings.public_host or state.settings.host,
             publicPort=state.settings.public_port or state.settings.port,
             room={},
+            engines={
+                name: engine
+                for name in CATALOG
+                if (engine := state.engines.engine_name(name)) is not None
+            },
             load=float(len(sessions)),
             version=__version__,
             startedAt=datetime.fromtimestamp(state.started, UTC).isoformat(),
@@ -402,6 +409,7 @@ async def cluster(request: Request, credential: AdminCredential) -> Any:
                 publicHost=node.public_host,
                 publicPort=node.public_port,
                 room=node.room,
+                engines=node.engines,
                 load=node.load,
                 version=node.version,
                 startedAt=datetime.fromtimestamp(node.started, UTC).isoformat(),

@@ -163,6 +163,7 @@ class ClusterMember:
             version=__version__,
             started=self.started,
             sessions=tuple(SessionEntry(s.id, s.spec.name, s.principal.key_id) for s in running),
+            engines={name: self.engines.engine_name(name) or "" for name in served},
         )
 
     # -- heartbeat ---------------------------------------------------------------------
