@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import gc
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -92,6 +93,27 @@ def test_a_sender_that_joins_late_waits_for_a_keyframe_that_comes_next() -> None
     assert is_keyframe(payloads) and first.encode(fifth)[0] == payloads
     assert decode(payloads, Vp8Decoder())
     assert shared.encodes == 5 and shared.keyframes == 2
+
+
+def test_release_frees_the_codec_and_the_frames_at_once() -> None:
+    """A closed session's encoder is freed by reference counting, not left to the cycle
+    collector with its peer connection (see `release`)."""
+    shared = SharedVp8Encoder()
+    handle = shared.attach()
+    frames = [frame(index) for index in range(3)]
+    for current in frames:
+        handle.encode(current)
+    last = frames[-1]
+    held = sys.getrefcount(last)
+    gc.disable()  # what is freed must be freed without the collector
+    try:
+        shared.release()
+        assert shared._encoder.codec is None, "the libvpx context is dropped"
+        assert sys.getrefcount(last) == held - 1, "no frame is kept for late senders"
+    finally:
+        gc.enable()
+    payloads, _ = handle.encode(frame(3))  # a sender that goes on gets a new codec
+    assert is_keyframe(payloads) and decode(payloads, Vp8Decoder())
 
 
 def test_a_keyframe_request_gives_one_keyframe_for_all() -> None:

@@ -363,6 +363,8 @@ class Session:
             self.audio.stop()
         if self.pc is not None:
             await self.pc.close()
+        if self.video_encoder is not None:
+            self.video_encoder.release()
         self.ended.set()
         logger.info("session %s ended (%s) after %ss", self.id, reason, self.seconds)
         if (encoder := self.video_encoder) is not None and encoder.encodes:
