@@ -364,3 +364,49 @@ async def test_a_redis_outage_refuses_new_sessions_and_spares_running_ones(
             await _frames(again)
             await again.disconnect()
             await running.disconnect()
+
+
+async def test_the_published_client_is_relayed_unchanged(cluster: Cluster) -> None:
+    """`decart==0.0.30` through a full node: its session runs on another node, its prompt
+    steers it through the relay, and the media reaches it from there."""
+    from decart import DecartClient, models
+
+    from tests.test_decart_client import connect_official, video_of
+
+    a, b, _ = cluster.nodes
+    ours = create_client(api_key=a.api_key, base_url=a.base_url)
+    filler = await ours.realtime.connect(SceneTrack(320, 176), model="mirage", retry=QUICK)
+    client = DecartClient(api_key=b.api_key, base_url=a.base_url, realtime_base_url=a.ws_url)
+    tracks: list = []
+    try:
+        assert _serving_port(filler) == cluster.port(a)
+        model = models.realtime("mirage")
+        source = SceneTrack(model.width, model.height, fps=model.fps)
+        rt = await connect_official(client, model, source, tracks.append, "sepia")
+        assert rt.session_id and rt.session_id != filler.session_id
+        await eventually(lambda: rt.session_id in _session_ids(cluster, exclude=a))
+        output = FrameSink(await video_of(tracks))
+        try:
+            sepia = await output.fresh()
+            await rt.set_prompt("cyberpunk neon city")  # acked through the relay
+            neon = await output.fresh()
+            assert mean_abs_diff(neon, sepia) > 2, "the new prompt reached the serving node"
+        finally:
+            await output.close()
+            await rt.disconnect()
+    finally:
+        await client.close()
+        await filler.disconnect()
+        await ours.aclose()
+    await eventually(lambda: sum(cluster.sessions_by_node().values()) == 0)
+
+
+def _session_ids(cluster: Cluster, exclude: LiveServer) -> set[str]:
+    """The sessions the nodes other than `exclude` hold, by what they announce."""
+    port = cluster.port(exclude)
+    return {
+        session["id"]
+        for node in cluster.report()["nodes"]
+        if node["publicPort"] != port
+        for session in node["sessions"]
+    }
