@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +71,13 @@ def start_server(
     port: int | None = None,
     env: dict[str, str] | None = None,
     https: Path | None = None,
+    program: Sequence[str] = (sys.executable, "-m", "livemorph.cli"),
 ) -> LiveServer:
     """Mint a key, start `livemorph serve` on a free port, return once /healthz answers.
 
     `https`: the server serves HTTPS (its flags say how) with this certificate, which may
-    not exist until the server has made it (`--tls self-signed`); it is trusted alone."""
+    not exist until the server has made it (`--tls self-signed`); it is trusted alone.
+    `program`: what runs the CLI (a script that adds engines to it, say)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     # Same env as the server, so a LIVEMORPH_DATABASE_URL there puts the key in that database.
     output = run_cli("keys", "create", "--data-dir", str(data_dir), "--name", "testing", env=env)
@@ -84,9 +86,7 @@ def start_server(
     with open(data_dir / "server.log", "a") as log:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "livemorph.cli",
+                *program,
                 "serve",
                 "--port",
                 str(port),
