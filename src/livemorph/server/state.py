@@ -18,6 +18,7 @@ from ..storage import Store
 from ..storage.store import WallClock, utcnow
 from .capacity import Capacity, CapacityMetrics
 from .cluster import ClusterMember, member_from_settings
+from .housekeeping import IdleTidy
 from .limits import Clock, Limits
 from .metrics import Metrics
 
@@ -37,6 +38,8 @@ class AppState:
     capacity: Capacity = field(default_factory=lambda: Capacity(estimate=False))
     #: This node's membership of a cluster (`--redis-url`); None for a single node.
     cluster: ClusterMember | None = None
+    #: Gives memory back once the node has no session (server/housekeeping.py).
+    tidy: IdleTidy = field(default_factory=lambda: IdleTidy(lambda: 0))
     #: When this node started (seconds since the epoch).
     started: float = field(default_factory=time.time)
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -82,6 +85,7 @@ class AppState:
             metrics=metrics,
             capacity=capacity,
             cluster=cluster,
+            tidy=IdleTidy(lambda: len(sessions)),
         )
 
     async def open(self) -> None:
@@ -100,6 +104,7 @@ class AppState:
                 await self._sampler
             self._sampler = None
         await self.sessions.close_all("server_shutdown")
+        await self.tidy.close()
         if self.cluster is not None:
             await self.cluster.stop()
         self.engines.close()

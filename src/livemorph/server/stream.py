@@ -271,9 +271,10 @@ async def stream(ws: WebSocket) -> None:
     finally:
         await session.close(notify=False)
         state.sessions.remove(session)
+        state.metrics.session_ended(session)  # no await since the removal: counted once
+        state.tidy.poke()
         if state.cluster is not None:
             await state.cluster.release(session.id, model, principal.key_id)
-        state.metrics.session_ended(session)  # no await since the removal: counted once
         if session.end_reason == INSUFFICIENT_CREDITS_REASON:
             await channel.fatal(INSUFFICIENT_CREDITS)  # after generation_ended; closes 1008
         await channel.close()
