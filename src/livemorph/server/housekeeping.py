@@ -12,6 +12,11 @@ collection and asks glibc to return its free pages (`malloc_trim`). Both block t
 (tens of milliseconds), which is why they wait for a node with no session: no frame is late
 for it. A node that never falls idle is not trimmed; its memory is bounded by its busiest
 moment, not by the sessions it has served.
+
+Measured with the same soak after this: the nodes ended at 226-249 MiB with no session
+(396-463 before; 146 at start), 25-82 MiB above their post-warm-up baselines. tracemalloc
+finds no Python objects left behind between rounds (a few KiB); what stays is the C heap's
+fragmentation.
 """
 
 from __future__ import annotations
