@@ -44,9 +44,9 @@ async def test_tidying_collects_cycles_and_trims_the_heap(monkeypatch) -> None:
         cycle = Node()
         cycle.self = cycle  # type: ignore[attr-defined]
         del cycle
-        before = sum(isinstance(o, Node) for o in gc.get_objects())
+        before = sum(type(o) is Node for o in gc.get_objects())
         IdleTidy(lambda: 0).tidy()
-        after = sum(isinstance(o, Node) for o in gc.get_objects())
+        after = sum(type(o) is Node for o in gc.get_objects())
     finally:
         gc.enable()
     assert (before, after) == (1, 0)
