@@ -550,8 +550,8 @@ class IceServers(Message):
     published clients ignore, in the browser's `RTCIceServer` form.
 
     Sent once on each socket before anything the client's peer connection needs: to a
-    publisher after `session_id` and before the reply to its first message, to a viewer at
-    once. Our SDKs use the servers when they arrived before they made their peer connection
+    publisher right after `session_id`, before the reply to its first message; to a viewer
+    at once. Our SDKs use the servers when they arrived before they made their peer connection
     (a publisher that sends its initial state first, as the Python SDK always does) and on
     every later attempt of the same connection. A client that never hears them still
     reaches the node: the node's own server-reflexive and relayed candidates are in its

@@ -48,7 +48,13 @@ from ..protocol import (
 from ..sessions import Session
 from ..sessions.metering import INSUFFICIENT_CREDITS, INSUFFICIENT_CREDITS_REASON
 from ..sessions.pipeline import SessionClosedError
-from ..sessions.session import InputRefused, ModerationRefused, Viewer, new_session_id
+from ..sessions.session import (
+    InputRefused,
+    ModerationRefused,
+    Viewer,
+    hand_ice_servers,
+    new_session_id,
+)
 from .cluster import ClusterMember
 from .limits import AT_CAPACITY, CLUSTER_UNAVAILABLE, TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
@@ -259,6 +265,7 @@ async def stream(ws: WebSocket) -> None:
     try:
         await state.meter.begin(session)
         await channel.send(SessionId(session.id, ip, port))
+        await hand_ice_servers(channel.send)  # before any reply: known before the offer
 
         # The offer is checked again: sessions count once they negotiate media, so a crowd
         # that connected at once is sorted out there (server/capacity.py).

@@ -78,10 +78,6 @@ def set_ice_servers(servers: Iterable[IceServer]) -> None:
     _ice_servers = tuple(servers)
 
 
-def ice_servers() -> tuple[IceServer, ...]:
-    return _ice_servers
-
-
 def new_peer_connection() -> RTCPeerConnection:
     """A peer connection that gathers with the node's ICE servers, if it has any: a node
     behind NAT then offers server-reflexive (STUN) and relayed (TURN) candidates in its
@@ -149,15 +145,6 @@ class Session:
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._greeted = False
-
-    async def _greet(self) -> None:
-        """Hand the client the node's ICE servers before the reply to its first message:
-        after `session_id` (sent before the server reads any message), before any ack or
-        answer, so a client that waits for its opening ack knows them before its offer."""
-        if not self._greeted:
-            self._greeted = True
-            await hand_ice_servers(self._send)
 
     # -- control ----------------------------------------------------------------------
 
@@ -165,7 +152,6 @@ class Session:
         """Restyle by `prompt` from the next frame on (`enhance` None: on); returns the
         enhanced prompt for the ack, if any. Raises `InputRefused`; `SessionClosedError`
         when the session ended meanwhile."""
-        await self._greet()
         enhance = True if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt)) is not None:
             logger.info("session %s: %s", self.id, refused)
@@ -181,7 +167,6 @@ class Session:
         prompt or keeping the current one; `enhance` None keeps the current setting. The
         prompt and the image are moderated together: a refusal of either applies neither.
         Returns the enhanced prompt for the ack, if any; raises as `set_prompt`."""
-        await self._greet()
         enhance = self.controls.enhance if enhance is None else enhance
         if (refused := await self.policy.refusal(prompt=prompt, image=image)) is not None:
             logger.info("session %s: %s", self.id, refused)
@@ -201,7 +186,6 @@ class Session:
 
     async def passthrough(self) -> None:
         """No transformation until the next prompt or image."""
-        await self._greet()
         await self.apply(Controls())
 
     async def apply(self, controls: Controls) -> None:
@@ -236,7 +220,6 @@ class Session:
 
     async def accept_offer(self, sdp: str) -> str:
         """Answer the client's offer: its video goes into the pipeline, its audio comes back."""
-        await self._greet()
         if self.pc is not None:
             raise ValueError("this session already has a peer connection")
         if self.pipeline.engine.listens and self.controls.image is None:
@@ -301,7 +284,6 @@ class Session:
         return pc.localDescription.sdp
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
-        await self._greet()
         await add_ice_candidate(self.pc, candidate)
 
     # -- usage ------------------------------------------------------------------------
