@@ -38,11 +38,14 @@ class AppState:
     capacity: Capacity = field(default_factory=lambda: Capacity(estimate=False))
     #: This node's membership of a cluster (`--redis-url`); None for a single node.
     cluster: ClusterMember | None = None
-    #: Gives memory back once the node has no session (server/housekeeping.py).
-    tidy: IdleTidy = field(default_factory=lambda: IdleTidy(lambda: 0))
     #: When this node started (seconds since the epoch).
     started: float = field(default_factory=time.time)
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    #: Gives memory back once the node has no session (server/housekeeping.py).
+    tidy: IdleTidy = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tidy = IdleTidy(lambda: len(self.sessions))
 
     @classmethod
     def from_settings(
@@ -85,7 +88,6 @@ class AppState:
             metrics=metrics,
             capacity=capacity,
             cluster=cluster,
-            tidy=IdleTidy(lambda: len(sessions)),
         )
 
     async def open(self) -> None:
