@@ -152,6 +152,12 @@ class EngineRegistry:
             self._loaded[name] = engine
         return CATALOG[model], engine
 
+    def engine_names(self) -> dict[str, str]:
+        """Each model served here and its engine's name (as `engine_name` gives it)."""
+        return {
+            model: engine for model in CATALOG if (engine := self.engine_name(model)) is not None
+        }
+
     def loaded(self, model: str) -> Engine | None:
         """The engine serving `model` if it is loaded already; never loads one."""
         name = self._engine_spec(model)

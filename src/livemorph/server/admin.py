@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._version import __version__
-from ..cluster import ClusterUnavailable
-from ..models import CATALOG
+from ..cluster import ClusterUnavailable, Node, SessionEntry
 from ..storage import ApiKey, KeyNotFound, SessionUsage, UsageDay
 from ..storage.store import hash_secret
+from .cluster import node_url
 from .rest import ErrorResponse, _describe, _state, error
 
 router = APIRouter()
@@ -371,53 +371,47 @@ async def cluster(request: Request, credential: AdminCredential) -> Any:
     itself). Nodes that stopped heartbeating are gone within seconds."""
     if (refused := _refused(request, credential)) is not None:
         return refused
-    member = _state(request).cluster
+    state = _state(request)
+    member = state.cluster
     if member is None:
-        state = _state(request)
-        sessions = [
-            ClusterSession(id=s.id, model=s.spec.name, keyId=s.principal.key_id)
-            for s in state.sessions.all()
-        ]
-        me = ClusterNode(
-            name=state.settings.node_name or "local",
-            url=f"http://{state.settings.host}:{state.settings.port}",
-            publicHost=state.settings.public_host or state.settings.host,
-            publicPort=state.settings.public_port or state.settings.port,
+        settings = state.settings
+        me = Node(
+            name=settings.node_name or "local",
+            url=node_url(settings),
+            public_host=settings.public_host or settings.host,
+            public_port=settings.public_port or settings.port,
             room={},
-            engines={
-                name: engine
-                for name in CATALOG
-                if (engine := state.engines.engine_name(name)) is not None
-            },
-            load=float(len(sessions)),
+            load=float(len(state.sessions)),
             version=__version__,
-            startedAt=datetime.fromtimestamp(state.started, UTC).isoformat(),
-            sessions=sessions,
+            started=state.started,
+            sessions=tuple(
+                SessionEntry(s.id, s.spec.name, s.principal.key_id) for s in state.sessions.all()
+            ),
+            engines=state.engines.engine_names(),
         )
-        return ClusterReport(node=me.name, clustered=False, nodes=[me])
+        return ClusterReport(node=me.name, clustered=False, nodes=[_cluster_node(me)])
     try:
         nodes = await member.directory.nodes()
     except ClusterUnavailable:
         return error(503, "cluster unavailable: redis cannot be reached")
     return ClusterReport(
-        node=member.name,
-        clustered=True,
-        nodes=[
-            ClusterNode(
-                name=node.name,
-                url=node.url,
-                publicHost=node.public_host,
-                publicPort=node.public_port,
-                room=node.room,
-                engines=node.engines,
-                load=node.load,
-                version=node.version,
-                startedAt=datetime.fromtimestamp(node.started, UTC).isoformat(),
-                sessions=[
-                    ClusterSession(id=entry.id, model=entry.model, keyId=entry.key_id)
-                    for entry in node.sessions
-                ],
-            )
-            for node in nodes
+        node=member.name, clustered=True, nodes=[_cluster_node(node) for node in nodes]
+    )
+
+
+def _cluster_node(node: Node) -> ClusterNode:
+    return ClusterNode(
+        name=node.name,
+        url=node.url,
+        publicHost=node.public_host,
+        publicPort=node.public_port,
+        room=node.room,
+        engines=node.engines,
+        load=node.load,
+        version=node.version,
+        startedAt=datetime.fromtimestamp(node.started, UTC).isoformat(),
+        sessions=[
+            ClusterSession(id=entry.id, model=entry.model, keyId=entry.key_id)
+            for entry in node.sessions
         ],
     )

@@ -151,19 +151,19 @@ class ClusterMember:
 
     def snapshot(self) -> Node:
         """This node's record as the others read it."""
-        served = [name for name in CATALOG if self.engines.engine_name(name) is not None]
+        engines = self.engines.engine_names()
         running = self.sessions.all()
         return Node(
             name=self.name,
             url=self.url,
             public_host=self.public_host,
             public_port=self.public_port,
-            room={name: self.room(CATALOG[name]) for name in served},
+            room={name: self.room(CATALOG[name]) for name in engines},
             load=round(self.capacity.load(running), 4) if self.capacity.on else len(running),
             version=__version__,
             started=self.started,
             sessions=tuple(SessionEntry(s.id, s.spec.name, s.principal.key_id) for s in running),
-            engines={name: self.engines.engine_name(name) or "" for name in served},
+            engines=engines,
         )
 
     # -- heartbeat ---------------------------------------------------------------------
