@@ -9,14 +9,16 @@ node ended 128-195 MiB above its baseline with no session left.
 
 So when the last session ends and none starts for `IDLE_AFTER` seconds, the node runs a full
 collection and asks glibc to return its free pages (`malloc_trim`). Both block the event loop
-(tens of milliseconds), which is why they wait for a node with no session: no frame is late
-for it. A node that never falls idle is not trimmed; its memory is bounded by its busiest
-moment, not by the sessions it has served.
+(93-147 ms each in bench/memory.py), which is why they wait for a node with no session: no
+frame is late for it. A node that never falls idle is not trimmed; its memory is bounded by
+its busiest moment, not by the sessions it has served.
 
 Measured with the same soak after this: the nodes ended at 226-249 MiB with no session
-(396-463 before; 146 at start), 25-82 MiB above their post-warm-up baselines. tracemalloc
-finds no Python objects left behind between rounds (a few KiB); what stays is the C heap's
-fragmentation.
+(396-463 before; 146 at start), 25-82 MiB above their post-warm-up baselines. With
+bench/memory.py (one node, rounds of 2 sessions each with a viewer, RSS once idle): 166-200
+MiB over 12 rounds from 145 at start, where without the tidy it climbed to 343 and levelled
+off there. A one-off tracemalloc comparison of such rounds (not a script in the repo) found
+a few KiB of Python objects left between them; what stays is in the C heap.
 """
 
 from __future__ import annotations
