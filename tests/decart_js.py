@@ -67,7 +67,7 @@ RELEASES = {
         LIVEKIT_VERSION,
         DATA / "decart-js-0.1.20",
         f'export * from "{PACKAGE}";\n'
-        'export { setLogLevel as setLiveKitLogLevel, version as liveKitVersion } '
+        "export { setLogLevel as setLiveKitLogLevel, version as liveKitVersion } "
         'from "livekit-client";\n',
     ),
 }
