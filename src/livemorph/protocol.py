@@ -326,6 +326,24 @@ class IceCandidate(Message):
         return cls(Candidate(line, mid, index, fragment))
 
 
+@dataclass(frozen=True, slots=True)
+class LiveKitJoin(Message):
+    """Carry this session's media over a LiveKit room instead of `offer`: answered by
+    `livekit_room_info` (after `queue_position` updates while the node is full). Sent by
+    the published clients that speak LiveKit (`decart>=0.1`, `@decartai/sdk>=0.1`)."""
+
+    type: ClassVar[str] = "livekit_join"
+    #: The browser client's "no initial state: pass the camera through"; None: not said.
+    passthrough: bool | None = None
+
+    def body(self) -> dict[str, object]:
+        return {} if self.passthrough is None else {"passthrough": self.passthrough}
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.flag("passthrough"))
+
+
 def _invalid_candidate(message: _Fields) -> Callable[[str], MessageError]:
     return lambda text: message.fail(f"invalid ice-candidate: {text}")
 
@@ -359,6 +377,41 @@ class Answer(Message):
     @classmethod
     def read(cls, message: _Fields) -> Self:
         return cls(message.text("sdp"))
+
+
+@dataclass(frozen=True, slots=True)
+class LiveKitRoomInfo(Message):
+    """Where this session's media goes: the LiveKit URL of the node serving it, an access
+    token for its room, and the room's name (which the clients turn into a subscribe
+    token for viewers, `POST /watch-stream/{room_name}`)."""
+
+    type: ClassVar[str] = "livekit_room_info"
+    livekit_url: str
+    token: str
+    room_name: str
+    session_id: str
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(
+            message.text("livekit_url"),
+            message.text("token"),
+            message.text("room_name"),
+            message.text("session_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePosition(Message):
+    """The node is full: this client waits, `position` of `queue_size` (1 is next)."""
+
+    type: ClassVar[str] = "queue_position"
+    position: int
+    queue_size: int
+
+    @classmethod
+    def read(cls, message: _Fields) -> Self:
+        return cls(message.whole("position"), message.whole("queue_size"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +622,7 @@ class IceServers(Message):
         return cls(ice_servers_from_json(message.get("ice_servers"), message.fail))
 
 
-ClientMessage = Prompt | SetImage | Offer | IceCandidate
+ClientMessage = Prompt | SetImage | Offer | IceCandidate | LiveKitJoin
 ServerMessage = (
     SessionId
     | Answer
@@ -581,11 +634,13 @@ ServerMessage = (
     | GenerationEnded
     | Error
     | IceServers
+    | LiveKitRoomInfo
+    | QueuePosition
 )
 
 #: What clients send, by `type`.
 CLIENT_MESSAGES: Mapping[str, type[ClientMessage]] = {
-    kind.type: kind for kind in (Prompt, SetImage, Offer, IceCandidate)
+    kind.type: kind for kind in (Prompt, SetImage, Offer, IceCandidate, LiveKitJoin)
 }
 #: What a viewer (`/subscribe/{id}`) may send: it watches, it never steers.
 VIEWER_MESSAGES: Mapping[str, type[ClientMessage]] = {
@@ -605,6 +660,8 @@ SERVER_MESSAGES: Mapping[str, type[ServerMessage]] = {
         GenerationEnded,
         Error,
         IceServers,
+        LiveKitRoomInfo,
+        QueuePosition,
     )
 }
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from .._version import __version__
 from ..config import Settings
 from ..storage.store import WallClock, utcnow
-from . import admin, metrics, rest, stream, web
+from . import admin, metrics, rest, rtc, stream, web
 from .limits import Clock
 from .state import AppState
 
@@ -48,6 +48,7 @@ def create_app(
     app.include_router(rest.router)
     app.include_router(admin.router)
     app.include_router(stream.router)
+    app.include_router(rtc.router)
     if state.settings.metrics:
         app.include_router(metrics.router)
     web.install(app, state)

@@ -17,10 +17,11 @@ from ..sessions.metering import Meter, StoreMeter, Unmetered
 from ..storage import Store
 from ..storage.store import WallClock, utcnow
 from .capacity import Capacity, CapacityMetrics
-from .cluster import ClusterMember, member_from_settings
+from .cluster import ClusterMember, member_from_settings, node_name
 from .housekeeping import IdleTidy
 from .limits import Clock, Limits
 from .metrics import Metrics
+from .rooms import Rooms
 
 
 @dataclass(slots=True)
@@ -40,6 +41,8 @@ class AppState:
     cluster: ClusterMember | None = None
     #: When this node started (seconds since the epoch).
     started: float = field(default_factory=time.time)
+    #: The LiveKit rooms of this node's sessions (`/rtc`, server/rtc.py).
+    rooms: Rooms = field(default_factory=Rooms)
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     #: Gives memory back once the node has no session (server/housekeeping.py).
     tidy: IdleTidy = field(init=False, repr=False)
@@ -88,6 +91,7 @@ class AppState:
             metrics=metrics,
             capacity=capacity,
             cluster=cluster,
+            rooms=Rooms(node=cluster.name if cluster is not None else node_name(settings)),
         )
 
     async def open(self) -> None:

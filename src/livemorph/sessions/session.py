@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -61,6 +61,15 @@ class SessionEnded(Exception):
         self.reason = reason
 
 
+#: The output's codec on connections the server offers: VP8, which the shared encoder
+#: writes once for every receiver (media/shared_encoder.py), and its retransmissions.
+_VP8_ONLY = [
+    codec
+    for codec in RTCRtpSender.getCapabilities("video").codecs
+    if codec.mimeType.lower() in ("video/vp8", "video/rtx")
+]
+
+
 def new_session_id() -> str:
     return secrets.token_urlsafe(12)
 
@@ -91,6 +100,10 @@ async def hand_ice_servers(send: Send) -> None:
     """Tell a client the node's ICE servers, when it has some (docs/protocol.md)."""
     if _ice_servers:
         await send(IceServers(_ice_servers))
+
+
+async def _nowhere(message: ServerMessage) -> None:
+    """The `send` of an output whose signaling is not the protocol's JSON (LiveKit's)."""
 
 
 async def add_ice_candidate(pc: RTCPeerConnection | None, candidate: Candidate) -> None:
@@ -145,6 +158,7 @@ class Session:
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._clocked = False
 
     # -- control ----------------------------------------------------------------------
 
@@ -241,32 +255,13 @@ class Session:
 
     async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> str:
         engine = self.pipeline.engine
-        listens = engine.listens
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video" and not listens:
-                self.pipeline.consume(track)
-                pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
-            elif track.kind == "audio" and self.audio is None:
-                if listens:
-                    # the engine hears the voice; it comes back delayed to meet its frames
-                    echo = DelayedAudioTrack(engine.audio_delay)
-                    tap = AudioTap(AUDIO_RATE, engine.hear, echo)
-                    self._spawn(tap.run(track))
-                    self.audio = echo
-                else:
-                    self.audio = track
-                pc.addTrack(self.relay.subscribe(self.audio, buffered=False))
+            if (back := self._take(track)) is not None:
+                pc.addTrack(self.relay.subscribe(back, buffered=False))
 
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc is not self.pc:
-                return  # a refused offer's connection, closed
-            if pc.connectionState in ("failed", "closed") and not self._closing:
-                logger.info("session %s: peer connection %s", self.id, pc.connectionState)
-                await self.close("peer_connection_" + pc.connectionState, notify=False)
-
+        self._watch(pc)
         if self.fast_receive:
             install_on_peer_connection(pc)  # before any RTP packet can reach a receiver
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -276,12 +271,91 @@ class Session:
         if "video" not in kinds_sent:
             # A recvonly video offer (an avatar) still gets the model's output.
             pc.addTrack(self.relay.subscribe(self.pipeline.track, buffered=False))
-        if listens:
+        if engine.listens:
             # no camera: a clock at the model's rate drives the engine
             self.pipeline.consume(ClockTrack(self.spec.fps))
         await pc.setLocalDescription(await pc.createAnswer())
         use_realtime_encoder(pc, self.video_encoder)
         return pc.localDescription.sdp
+
+    def _take(self, track: MediaStreamTrack) -> MediaStreamTrack | None:
+        """Route one of the client's tracks: video into the pipeline (the engine's output
+        goes back), audio to the engine that listens (its echo, delayed to meet the frames,
+        goes back) or straight back. Returns what goes back for it, if anything."""
+        engine = self.pipeline.engine
+        if track.kind == "video" and not engine.listens:
+            self.pipeline.consume(track)
+            return self.pipeline.track
+        if track.kind == "audio" and self.audio is None:
+            if engine.listens:
+                echo = DelayedAudioTrack(engine.audio_delay)
+                tap = AudioTap(AUDIO_RATE, engine.hear, echo)
+                self._spawn(tap.run(track))
+                self.audio = echo
+            else:
+                self.audio = track
+            return self.audio
+        return None
+
+    def _watch(self, pc: RTCPeerConnection) -> None:
+        """End the session when the client's connection fails or closes."""
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc is not self.pc:
+                return  # a refused offer's connection, closed
+            if pc.connectionState in ("failed", "closed") and not self._closing:
+                logger.info("session %s: peer connection %s", self.id, pc.connectionState)
+                await self.close("peer_connection_" + pc.connectionState, notify=False)
+
+    async def accept_publisher_offer(self, sdp: str) -> str:
+        """Answer an offer on LiveKit's publisher connection: the client's camera (and
+        microphone) in, nothing out (the output goes to the client on a connection the
+        server offers, a `Viewer`). The client offers again on the same connection as it
+        adds tracks: its first offer carries data channels alone, which are accepted and
+        left unread. ValueError for an offer that cannot be applied."""
+        engine = self.pipeline.engine
+        first = self.pc is None
+        pc = self.pc if self.pc is not None else new_peer_connection()
+        if first:
+            self.pc = pc
+
+            @pc.on("track")
+            def on_track(track: MediaStreamTrack) -> None:
+                self._take(track)
+
+            self._watch(pc)
+            if self.fast_receive:
+                install_on_peer_connection(pc)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            media = {t.kind for t in pc.getTransceivers()}
+            if media and engine.listens and self.controls.image is None:
+                raise ValueError(
+                    f"{self.spec.name} needs a portrait image: media without one is not "
+                    "allowed; send set_image with image_data first"
+                )
+            if engine.listens and "audio" in media and not self._clocked:
+                self._clocked = True
+                self.pipeline.consume(ClockTrack(self.spec.fps))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception:
+            if first:
+                self.pc = None
+                await pc.close()
+            raise
+        return pc.localDescription.sdp
+
+    async def drop_publisher(self) -> None:
+        """Close the client's connection without ending the session: its LiveKit
+        participant left or was replaced, and a new one may join the room. The engine
+        keeps its controls; the next camera track takes the old one's place."""
+        pc, self.pc = self.pc, None
+        if pc is None:
+            return
+        if self.audio is not None and not self.pipeline.engine.listens:
+            self.audio = None  # the client's own track, gone with its connection
+        await pc.close()
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
         await add_ice_candidate(self.pc, candidate)
@@ -324,6 +398,14 @@ class Session:
         await hand_ice_servers(send)
         return viewer
 
+    def add_output(self, *, watcher: bool) -> Viewer:
+        """A connection of the output that the server offers (LiveKit's subscriber
+        connection): a viewer's when `watcher`, else the publishing client's own, which
+        is not counted among the session's viewers. Closed with the session."""
+        viewer = Viewer(self, _nowhere, watcher=watcher)
+        self.viewers.add(viewer)
+        return viewer
+
     # -- teardown ---------------------------------------------------------------------
 
     async def close(self, reason: str = "client_disconnected", *, notify: bool = True) -> None:
@@ -364,9 +446,11 @@ class Session:
 class Viewer:
     """Watches a session's output through the relay; never steers it."""
 
-    def __init__(self, session: Session, send: Send) -> None:
+    def __init__(self, session: Session, send: Send, *, watcher: bool = True) -> None:
         self.session = session
         self._send = send
+        #: False for the publishing client's own output (LiveKit's subscriber connection)
+        self.watcher = watcher
         self.pc: RTCPeerConnection | None = None
         self._tracks: list[MediaStreamTrack] = []
         self.ended = asyncio.Event()
@@ -404,6 +488,44 @@ class Viewer:
         await pc.setLocalDescription(await pc.createAnswer())
         use_realtime_encoder(pc, self.session.video_encoder)
         return pc.localDescription.sdp
+
+    async def offer(self) -> str:
+        """The server's offer of the session's output, for a client that answers (LiveKit's
+        subscriber connection): the video, in VP8 from the session's shared encoder, and
+        the audio when the session has some. `accept_answer` completes it."""
+        if self.pc is not None:
+            raise ValueError("this viewer already has a peer connection")
+        pc = self.pc = new_peer_connection()
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc is self.pc and pc.connectionState in ("failed", "closed"):
+                await self.close()
+
+        sources = {"video": self.session.pipeline.track, "audio": self.session.audio}
+        for kind, source in sources.items():
+            if source is None:
+                continue
+            track = self.session.relay.subscribe(source, buffered=False)
+            self._tracks.append(track)
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            if kind == "video":
+                transceiver.setCodecPreferences(_VP8_ONLY)
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        """Apply the client's answer to `offer`; ValueError when there was no offer."""
+        if self.pc is None or self.pc.signalingState != "have-local-offer":
+            raise ValueError("an answer without an offer")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        use_realtime_encoder(self.pc, self.session.video_encoder)
+
+    def media(self) -> list[tuple[str, str]]:
+        """(mid, kind) of each media section this viewer's connection sends."""
+        if self.pc is None:
+            return []
+        return [(t.mid or "", t.kind) for t in self.pc.getTransceivers() if t.mid is not None]
 
     async def add_ice_candidate(self, candidate: Candidate) -> None:
         await add_ice_candidate(self.pc, candidate)
