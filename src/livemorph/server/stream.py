@@ -34,6 +34,8 @@ from ..protocol import (
     ClientMessage,
     Error,
     IceCandidate,
+    LiveKitJoin,
+    LiveKitRoomInfo,
     Offer,
     Prompt,
     PromptAck,
@@ -273,7 +275,11 @@ async def stream(ws: WebSocket) -> None:
             others = [s for s in state.sessions.all() if s is not session]
             return state.capacity.refuse(spec, others)
 
-        loop = _publisher_loop(channel, session, media_refusal)
+        def room_info() -> LiveKitRoomInfo:
+            token = state.rooms.publisher_token(session.id)
+            return LiveKitRoomInfo(_livekit_url(ws, ip, port), token, session.id, session.id)
+
+        loop = _publisher_loop(channel, session, media_refusal, room_info)
         await _until_either(channel, loop, session.ended)
     finally:
         await session.close(notify=False)
@@ -286,6 +292,15 @@ async def stream(ws: WebSocket) -> None:
             await channel.fatal(INSUFFICIENT_CREDITS)  # after generation_ended; closes 1008
         await channel.close()
         unbind_session(log_binding)
+
+
+def _livekit_url(ws: WebSocket, host: str, port: int) -> str:
+    """The LiveKit URL of this node's rooms, where LiveKit's clients add `/rtc`: the
+    address that reaches this node, in the scheme this socket came in on."""
+    scheme = "wss" if ws.url.scheme in ("wss", "https") else "ws"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
 
 
 async def _relayed(ws: WebSocket, channel: Channel) -> bool | None:
@@ -337,6 +352,7 @@ async def _publisher_loop(
     channel: Channel,
     session: Session,
     media_refusal: Callable[[], str | None] = lambda: None,
+    room_info: Callable[[], LiveKitRoomInfo] | None = None,
 ) -> None:
     async for frame in channel.messages():
         try:
@@ -345,12 +361,17 @@ async def _publisher_loop(
                 await channel.send(await _prompt(channel, session, message))
             elif isinstance(message, SetImage):
                 await channel.send(await _set_image(channel, session, message))
-            elif isinstance(message, Offer):
+            elif isinstance(message, Offer | LiveKitJoin):
                 if session.pc is None and (refused := media_refusal()):
                     channel.refused(AT_CAPACITY_REASON)
                     await channel.fatal(refused, CLOSE_TRY_AGAIN_LATER)
                     return
-                await channel.send(Answer(await _answer(session.accept_offer, message.sdp)))
+                if isinstance(message, Offer):
+                    await channel.send(Answer(await _answer(session.accept_offer, message.sdp)))
+                elif room_info is None:
+                    raise ClientError("livekit_join is not served on this connection")
+                else:
+                    await channel.send(room_info())
             else:
                 await _add_candidate(session.add_ice_candidate, message)
         except ClientError as exc:
