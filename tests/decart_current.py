@@ -205,7 +205,8 @@ class Driver:
 
     def report(self) -> str:
         """The events so far and the end of drive.py's log, for an assertion's message."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         log = (self.out / "driver.log").read_text(errors="replace")
         events = "\n".join(json.dumps(event)[:3000] for event in self.events)
         return f"events:\n{events}\ndrive.py's log (end):\n{log[-6000:]}"
