@@ -19,6 +19,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from types import NoneType
 from typing import Any
+from urllib.parse import urlsplit
 
 from platformdirs import user_data_dir
 
@@ -173,6 +174,68 @@ def _ice_servers(data: object, where: str, name: str) -> tuple[IceServer, ...]:
 def ice_servers_value(kind: type[Any], text: str, name: str) -> str:
     """`--ice-servers` checked when it is given, so a mistake stops `serve` at once, by name."""
     ice_servers(text, name)
+    return text.strip()
+
+
+#: `--cors-origins`' word for every origin; it stands alone.
+ANY_ORIGIN = "*"
+_ORIGIN_FORM = "scheme://host[:port], as a browser sends it, e.g. 'https://app.example.com'"
+
+
+def cors_origins(text: str | None, name: str = "--cors-origins") -> tuple[str, ...]:
+    """`--cors-origins` read: the origins whose pages may call the REST API from a browser
+    (server/app.py), in the form browsers send in `Origin` (host lowercased, a default port
+    left out), each once; `("*",)` for `*`, any origin. None or blank: none. ValueError names
+    `name` and says what is wrong.
+
+    An origin is matched exactly, so what could never match one is refused rather than kept:
+    a path (even a final `/`, which browsers never send), a scheme other than http(s), a
+    wildcard inside a name (`https://*.example.com`), `null` (sandboxed and file:// pages,
+    any of which would pass)."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    items = [item.strip() for item in text.split(",")]
+    if ANY_ORIGIN in items:
+        if len(items) > 1:
+            raise ValueError(f"{name}: * means any origin and stands alone, in {text!r}")
+        return (ANY_ORIGIN,)
+    origins: list[str] = []
+    for item in items:
+        origin = _origin(item, name)
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
+
+
+def _origin(item: str, name: str) -> str:
+    """One origin of `--cors-origins`, in the form browsers send it."""
+    if not item:
+        raise ValueError(f"{name}: an empty origin (two commas, or one at an end)")
+    parts = urlsplit(item)
+    if parts.scheme not in ("http", "https") or not item.lower().startswith(parts.scheme + "://"):
+        raise ValueError(f"{name}: {item!r} is not an http:// or https:// origin: {_ORIGIN_FORM}")
+    if "*" in item:
+        raise ValueError(f"{name}: {item!r}: name each origin; * alone means any origin")
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(
+            f"{name}: {item!r} is more than an origin (it has no path, not even a final /, "
+            f"and no user): {_ORIGIN_FORM}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{name}: {item!r} has no valid port: {_ORIGIN_FORM}") from None
+    if not parts.hostname:
+        raise ValueError(f"{name}: {item!r} names no host: {_ORIGIN_FORM}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
+
+
+def cors_origins_value(kind: type[Any], text: str, name: str) -> str:
+    """`--cors-origins` checked when it is given, so a typo stops `serve` at once, by name."""
+    cors_origins(text, name)
     return text.strip()
 
 
@@ -356,6 +419,25 @@ class Settings:
             shown="on while listening on a loopback address only",
         ),
     )
+    # server/app.py. None, no cross-origin access, is the default: a page elsewhere reads
+    # no answer of this server's unless the operator names its origin. Keys travel in
+    # headers, so no cookie is at stake, but a server on loopback or a private network would
+    # otherwise answer every site its users' browsers load. The server's own pages (the
+    # demo at /, /watch) are same-origin and need none; local development needs none when
+    # the app's dev server proxies the API (Vite's `server.proxy`), else one flag:
+    # --cors-origins http://localhost:5173. Loopback origins are not guessed: they would
+    # admit any other local page (a tool, a notebook) that runs in the same browser.
+    cors_origins: str | None = field(
+        default=None,
+        metadata=about(
+            "origins whose pages may call the REST API (/v1/*, /watch-stream/*) with fetch, "
+            "separated by commas, e.g. https://app.example.com,http://localhost:5173; "
+            "* for any origin",
+            parse=cors_origins_value,
+            metavar="ORIGINS",
+            shown="none: only this server's own pages",
+        ),
+    )
     metrics: bool = field(
         default=True, metadata=about("Prometheus metrics at GET /metrics, on the same port")
     )
@@ -429,6 +511,13 @@ class Settings:
         default=3.0, metadata=policy("seconds before the plain prompt is used", metavar="S")
     )
     max_sessions: int = field(default=32, metadata=limit("sessions on this node"))
+    # server/queue.py: LiveKit clients (livekit_join) wait for room rather than being refused.
+    queue_size: int = field(
+        default=16, metadata=limit("clients waiting in line for a session on a full node")
+    )
+    queue_wait: float = field(
+        default=120.0, metadata=limit("seconds a client waits in line before it is refused")
+    )
     # server/capacity.py: how the estimate is made, and why.
     capacity: str = field(
         default=CAPACITY_AUTO,
