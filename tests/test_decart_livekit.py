@@ -160,4 +160,4 @@ def test_full_node_queues_the_second_client(tmp_path) -> None:
         admitted = driver.until("second_admitted", SCENARIO_TIMEOUT)
         assert admitted["frames"] > 0 and admitted["sizes"] == [[MODEL.width, MODEL.height]]
         driver.finish()
-    assert server.wait_sessions(0) == 0
+        assert server.wait_sessions(0) == 0

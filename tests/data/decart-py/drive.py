@@ -342,7 +342,8 @@ async def session(s: Scenario) -> None:
     errors: list[dict[str, Any] | None] = []
 
     with step("connected") as info:
-        rt = await s.connect(client, camera, output, s.initial_state())
+        async with asyncio.timeout(args.connect_timeout):  # the SDK retries for minutes
+            rt = await s.connect(client, camera, output, s.initial_state())
         rt.on("connection_change", states.append)
         rt.on("generation_tick", on_tick)
         rt.on("error", lambda error: errors.append(describe(error)))
@@ -399,13 +400,14 @@ async def session(s: Scenario) -> None:
 
     with step("viewer") as info:
         watching = s.receiver("viewer")
-        viewer: SubscribeClient = await RealtimeClient.subscribe(
-            base_url=client.realtime_base_url,
-            api_key=client.api_key,
-            options=SubscribeOptions(
-                token=rt.subscribe_token or "", on_remote_stream=watching.on_remote_stream
-            ),
-        )
+        async with asyncio.timeout(args.connect_timeout):
+            viewer: SubscribeClient = await RealtimeClient.subscribe(
+                base_url=client.realtime_base_url,
+                api_key=client.api_key,
+                options=SubscribeOptions(
+                    token=rt.subscribe_token or "", on_remote_stream=watching.on_remote_stream
+                ),
+            )
         s._closers.append(viewer.disconnect)
         info["state"] = viewer.get_connection_state()
         # Past the first frames, while the viewer's encoder ramps up.
@@ -456,7 +458,8 @@ async def queue(s: Scenario) -> None:
     first_out, second_out = s.receiver("first"), s.receiver("second")
 
     with step("first_connected") as info:
-        first = await s.connect(first_client, s.camera(), first_out, s.initial_state())
+        async with asyncio.timeout(s.args.connect_timeout):
+            first = await s.connect(first_client, s.camera(), first_out, s.initial_state())
         await first_out.fresh(skip=0)
         info["session_id"] = first.session_id
 
@@ -514,7 +517,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--new-prompt", default="cyberpunk neon city")
     parser.add_argument("--refused-prompt", default="cyberpunk neon city, p0rn")
     parser.add_argument("--tick-timeout", type=float, default=5.0)
-    parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--connect-timeout", type=float, default=30.0, help="for a connect or subscribe"
+    )
     parser.add_argument("--queue-timeout", type=float, default=10.0)
     parser.add_argument("--pause-at", action="append", default=[], metavar="CHECKPOINT")
     parser.add_argument("--debug", action="store_true", help="DEBUG logs: the SDK's, LiveKit's")
