@@ -511,6 +511,13 @@ class Settings:
         default=3.0, metadata=policy("seconds before the plain prompt is used", metavar="S")
     )
     max_sessions: int = field(default=32, metadata=limit("sessions on this node"))
+    # server/queue.py: LiveKit clients (livekit_join) wait for room rather than being refused.
+    queue_size: int = field(
+        default=16, metadata=limit("clients waiting in line for a session on a full node")
+    )
+    queue_wait: float = field(
+        default=120.0, metadata=limit("seconds a client waits in line before it is refused")
+    )
     # server/capacity.py: how the estimate is made, and why.
     capacity: str = field(
         default=CAPACITY_AUTO,

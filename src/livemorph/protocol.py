@@ -642,6 +642,9 @@ ServerMessage = (
 CLIENT_MESSAGES: Mapping[str, type[ClientMessage]] = {
     kind.type: kind for kind in (Prompt, SetImage, Offer, IceCandidate, LiveKitJoin)
 }
+#: The messages of the LiveKit transport (Decart's current clients; server/rtc.py), which
+#: livemorph's own SDKs, on the direct one, neither send nor expect.
+LIVEKIT_MESSAGES = frozenset({LiveKitJoin.type, LiveKitRoomInfo.type, QueuePosition.type})
 #: What a viewer (`/subscribe/{id}`) may send: it watches, it never steers.
 VIEWER_MESSAGES: Mapping[str, type[ClientMessage]] = {
     kind.type: kind for kind in (Offer, IceCandidate)

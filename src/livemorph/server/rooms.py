@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from livekit.protocol import models
+from starlette.requests import HTTPConnection
 
+from ..config import Settings
 from ..livekit import Grant, RoomTokens
 from ..models import ModelSpec
 
@@ -28,6 +30,24 @@ class Departing(Protocol):
     """A participant that can be told to go (`server/rtc.py`)."""
 
     async def replaced(self) -> None: ...
+
+
+def reply_address(conn: HTTPConnection, settings: Settings) -> tuple[str, int]:
+    """The host and port that reach this node, for `session_id`, subscribe tokens and
+    LiveKit URLs: `--public-host`/`--public-port`, else the address the client used."""
+    host = settings.public_host or conn.url.hostname or settings.host
+    port = settings.public_port or conn.url.port or settings.port
+    return host, int(port)
+
+
+def livekit_url(conn: HTTPConnection, settings: Settings) -> str:
+    """The LiveKit URL of this node's rooms (clients add `/rtc`): the address that reaches
+    this node, in the scheme (TLS or not) the client came in on."""
+    host, port = reply_address(conn, settings)
+    scheme = "wss" if conn.url.scheme in ("wss", "https") else "ws"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
 
 
 def _derived(prefix: str, *parts: str) -> str:

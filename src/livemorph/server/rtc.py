@@ -24,21 +24,29 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
 
+import httpx
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from livekit.protocol import models, rtc
+from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
+from ..cluster import ClusterUnavailable
 from ..livekit import Grant, SignalError, TokenError, new_sid, parse_request, respond
 from ..livekit.sdp import keep_best_layer, label_tracks
 from ..protocol import Candidate
 from ..sessions import Session
 from ..sessions.session import Viewer
-from .rooms import RoomIds
+from .limits import CLUSTER_UNAVAILABLE
+from .metrics import INVALID_KEY_REASON
+from .rooms import RoomIds, livekit_url
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,65 @@ async def validate(request: Request) -> PlainTextResponse:
         status, text = admitted
         return PlainTextResponse(str(text), status_code=int(status))
     return PlainTextResponse("success")
+
+
+class WatchStream(BaseModel):
+    """Credentials for watching a session's room: join `livekit_url` with `token`."""
+
+    livekit_url: str
+    token: str
+    room_name: str
+    session_id: str
+
+
+@router.post(
+    "/watch-stream/{room}",
+    response_model=WatchStream,
+    responses={401: {"description": "invalid api key"}, 404: {"description": "no such room"}},
+)
+async def watch_stream(room: str, request: Request) -> Any:
+    """A viewer's way into a session's room, as Decart's current clients ask for it: the
+    room's name comes from the session's subscribe token, the key (or a client token) in
+    `x-api-key`. The viewer may subscribe and never publish; it costs no encode of its
+    own (the session's shared encoder). In a cluster, the node serving the session
+    answers, through this one."""
+    state: AppState = request.app.state.livemorph
+    key = request.headers.get("x-api-key")
+    if await state.store.authenticate(key) is None:
+        state.metrics.refused(INVALID_KEY_REASON)
+        return JSONResponse({"error": "invalid api key"}, status_code=401)
+    session = state.sessions.get(room)
+    if session is None or session.ended.is_set():
+        if state.cluster is not None and key is not None:
+            forwarded = await _watch_elsewhere(state, room, key)
+            if forwarded is not None:
+                return forwarded
+        return JSONResponse({"error": f"invalid session: {NO_ROOM}"}, status_code=404)
+    token = state.rooms.viewer_token(session.id, secrets.token_hex(6))
+    url = livekit_url(request, state.settings)
+    return WatchStream(livekit_url=url, token=token, room_name=session.id, session_id=session.id)
+
+
+async def _watch_elsewhere(state: AppState, room: str, key: str) -> JSONResponse | None:
+    """The serving member's answer for a room held elsewhere in the cluster; None when no
+    live member holds it."""
+    assert state.cluster is not None
+    try:
+        node = await state.cluster.directory.locate(room)
+    except ClusterUnavailable as exc:
+        logger.warning("cannot find room %s: %s", room, exc)
+        return JSONResponse({"error": CLUSTER_UNAVAILABLE}, status_code=503)
+    if node is None or node.name == state.cluster.name:
+        return None
+    async with httpx.AsyncClient(timeout=5) as client:
+        try:
+            reply = await client.post(
+                f"{node.url}/watch-stream/{quote(room)}", headers={"x-api-key": key}
+            )
+        except httpx.HTTPError as exc:
+            logger.warning("cluster: node %s did not answer watch-stream: %r", node.name, exc)
+            return JSONResponse({"error": CLUSTER_UNAVAILABLE}, status_code=503)
+    return JSONResponse(reply.json(), status_code=reply.status_code)
 
 
 @router.get("/rtc/v1/validate", include_in_schema=False)

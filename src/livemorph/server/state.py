@@ -21,6 +21,7 @@ from .cluster import ClusterMember, member_from_settings, node_name
 from .housekeeping import IdleTidy
 from .limits import Clock, Limits
 from .metrics import Metrics
+from .queue import AdmissionQueue
 from .rooms import Rooms
 
 
@@ -43,6 +44,8 @@ class AppState:
     started: float = field(default_factory=time.time)
     #: The LiveKit rooms of this node's sessions (`/rtc`, server/rtc.py).
     rooms: Rooms = field(default_factory=Rooms)
+    #: LiveKit clients waiting for room on a full node (server/queue.py).
+    queue: AdmissionQueue = field(default_factory=lambda: AdmissionQueue(0, 0.0))
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     #: Gives memory back once the node has no session (server/housekeeping.py).
     tidy: IdleTidy = field(init=False, repr=False)
@@ -92,6 +95,7 @@ class AppState:
             capacity=capacity,
             cluster=cluster,
             rooms=Rooms(node=cluster.name if cluster is not None else node_name(settings)),
+            queue=AdmissionQueue(settings.queue_size, settings.queue_wait),
         )
 
     async def open(self) -> None:

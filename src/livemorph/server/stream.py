@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -39,6 +39,7 @@ from ..protocol import (
     Offer,
     Prompt,
     PromptAck,
+    QueuePosition,
     ServerMessage,
     SessionId,
     SetImage,
@@ -67,6 +68,8 @@ from .metrics import (
     RATE_LIMIT_REASON,
     Metrics,
 )
+from .queue import AdmissionQueue, Inbox
+from .rooms import livekit_url, reply_address
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,8 @@ router = APIRouter()
 #: tens of milliseconds to decode, which other sessions' frames must not wait for.
 PARSE_IN_THREAD_CHARS = 256 * 1024
 VIEWER_CANNOT_STEER = "not allowed: a viewer cannot steer the session"
+#: How long a client at a full node has to say whether it can wait in line.
+FIRST_WORD_TIMEOUT = 2.0
 #: Said to a socket that claims to be a member's relay without the cluster's signature.
 BAD_RELAY = "permission denied: invalid relay signature"
 
@@ -173,13 +178,6 @@ def _state(ws: WebSocket) -> AppState:
     return ws.app.state.livemorph
 
 
-def _reply_address(ws: WebSocket, state: AppState) -> tuple[str, int]:
-    """The ip and port that reach this node, for `session_id` and subscribe tokens."""
-    host = state.settings.public_host or ws.url.hostname or state.settings.host
-    port = state.settings.public_port or ws.url.port or state.settings.port
-    return host, int(port)
-
-
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
     state = _state(ws)
@@ -215,23 +213,35 @@ async def stream(ws: WebSocket) -> None:
         await channel.fatal(INSUFFICIENT_CREDITS)
         return
     session_id = new_session_id()
-    if state.cluster is None:
-        refused = (
-            await state.limits.refuse_session(principal.key_id, state.sessions)
-            or state.capacity.refuse(spec, state.sessions.all())
-            or (AT_CAPACITY if engine.full() else None)
-        )
-    else:
+
+    async def admit() -> str | None:
+        """Why this session may not start here now, or None."""
+        if state.cluster is None:
+            return (
+                await state.limits.refuse_session(principal.key_id, state.sessions)
+                or state.capacity.refuse(spec, state.sessions.all())
+                or (AT_CAPACITY if engine.full() else None)
+            )
         try:
-            refused = await state.cluster.admit(principal.key_id, spec, engine, session_id, relayed)
+            return await state.cluster.admit(principal.key_id, spec, engine, session_id, relayed)
         except ClusterUnavailable as exc:
             logger.warning("cannot place a session: %s", exc)
-            refused = CLUSTER_UNAVAILABLE
-        if (
-            refused == AT_CAPACITY
-            and member is not None
-            and await _relay_elsewhere(channel, member, model)
-        ):
+            return CLUSTER_UNAVAILABLE
+
+    refused = await admit()
+    if (
+        refused == AT_CAPACITY
+        and member is not None
+        and await _relay_elsewhere(channel, member, model)
+    ):
+        return
+    inbox: Inbox | None = None
+    if refused == AT_CAPACITY and not relayed and state.queue.open:
+        # A client that can wait (it asks for a LiveKit room) waits in line.
+        inbox = Inbox(channel.messages())
+        refused = await _wait_in_line(channel, inbox, state.queue, admit)
+        if refused is None and inbox.gone.is_set():
+            await inbox.close()
             return
     if refused:
         # Transient: clients retry. Nothing is awaited from here until the session is added.
@@ -242,6 +252,8 @@ async def stream(ws: WebSocket) -> None:
             extra={"key_id": principal.key_id, "model": model},
         )
         state.metrics.refused_by_limit(refused)
+        if inbox is not None:
+            await inbox.close()
         await channel.fatal(refused, CLOSE_TRY_AGAIN_LATER)
         return
 
@@ -262,7 +274,7 @@ async def stream(ws: WebSocket) -> None:
     )
     state.sessions.add(session)
     state.metrics.session_started(model, state.engines.engine_name(model))
-    ip, port = _reply_address(ws, state)
+    ip, port = reply_address(ws, state.settings)
     logger.info("session %s started: model %s", session.id, model)
     try:
         await state.meter.begin(session)
@@ -277,13 +289,18 @@ async def stream(ws: WebSocket) -> None:
 
         def room_info() -> LiveKitRoomInfo:
             token = state.rooms.publisher_token(session.id)
-            return LiveKitRoomInfo(_livekit_url(ws, ip, port), token, session.id, session.id)
+            url = livekit_url(ws, state.settings)
+            return LiveKitRoomInfo(url, token, session.id, session.id)
 
-        loop = _publisher_loop(channel, session, media_refusal, room_info)
+        frames = inbox if inbox is not None else channel.messages()
+        loop = _publisher_loop(channel, session, media_refusal, room_info, frames)
         await _until_either(channel, loop, session.ended)
     finally:
+        if inbox is not None:
+            await inbox.close()
         await session.close(notify=False)
         state.sessions.remove(session)
+        state.queue.poke()
         state.metrics.session_ended(session)  # no await since the removal: counted once
         state.tidy.poke()
         if state.cluster is not None:
@@ -294,13 +311,36 @@ async def stream(ws: WebSocket) -> None:
         unbind_session(log_binding)
 
 
-def _livekit_url(ws: WebSocket, host: str, port: int) -> str:
-    """The LiveKit URL of this node's rooms, where LiveKit's clients add `/rtc`: the
-    address that reaches this node, in the scheme this socket came in on."""
-    scheme = "wss" if ws.url.scheme in ("wss", "https") else "ws"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
+async def _wait_in_line(
+    channel: Channel,
+    inbox: Inbox,
+    queue: AdmissionQueue,
+    admit: Callable[[], Awaitable[str | None]],
+) -> str | None:
+    """Keep a client that asks for a LiveKit room in line until `admit` lets it in (None),
+    telling it its place; the refusal otherwise. A client whose first word is anything
+    else (the direct protocol has no way to wait), or that says nothing for
+    `FIRST_WORD_TIMEOUT`, hears the at-capacity refusal as before. The first frame stays
+    in `inbox` for the message loop, as do those sent while waiting."""
+    try:
+        async with asyncio.timeout(FIRST_WORD_TIMEOUT):
+            first = await inbox.next()
+    except TimeoutError:
+        return AT_CAPACITY
+    if first is None:
+        return None  # gone
+    inbox.unread(first)
+    try:
+        message = await _parse(first)
+    except ClientError:
+        return AT_CAPACITY
+    if not isinstance(message, LiveKitJoin):
+        return AT_CAPACITY
+
+    async def tell(position: int, size: int) -> None:
+        await channel.send(QueuePosition(position, size))
+
+    return await queue.wait_turn(admit, tell, inbox.gone)
 
 
 async def _relayed(ws: WebSocket, channel: Channel) -> bool | None:
@@ -353,8 +393,9 @@ async def _publisher_loop(
     session: Session,
     media_refusal: Callable[[], str | None] = lambda: None,
     room_info: Callable[[], LiveKitRoomInfo] | None = None,
+    frames: AsyncIterable[str | bytes] | None = None,
 ) -> None:
-    async for frame in channel.messages():
+    async for frame in frames if frames is not None else channel.messages():
         try:
             message = await channel.receive(frame)
             if isinstance(message, Prompt):
