@@ -19,6 +19,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from livekit.protocol import models, rtc
 
+from tests.support import eventually
+
 
 class RoomClient:
     """One participant: `join`, then `publish` a track and/or read `tracks`."""
@@ -88,12 +90,16 @@ class RoomClient:
 
     async def publish(self, track: MediaStreamTrack, offer_id: int = 1) -> rtc.TrackInfo:
         """Announce the track, then offer it on the publisher connection."""
-        cid = "camera-1"
+        video = track.kind == "video"
+        cid = f"{track.kind}-{offer_id}"
         published: asyncio.Future[rtc.TrackInfo] = asyncio.get_running_loop().create_future()
         self._published[cid] = published
         await self.send(
             add_track=rtc.AddTrackRequest(
-                cid=cid, name="camera", type=models.TrackType.VIDEO, source=models.CAMERA
+                cid=cid,
+                name="camera" if video else "microphone",
+                type=models.TrackType.VIDEO if video else models.TrackType.AUDIO,
+                source=models.CAMERA if video else models.MICROPHONE,
             )
         )
         info = await asyncio.wait_for(published, 10)
@@ -114,10 +120,12 @@ class RoomClient:
         return answer
 
     async def video(self, within: float = 15.0) -> MediaStreamTrack:
-        async with asyncio.timeout(within):
-            while not any(t.kind == "video" for t in self.tracks):
-                await asyncio.sleep(0.05)
-        return next(t for t in self.tracks if t.kind == "video")
+        return await self.track("video", within)
+
+    async def track(self, kind: str, within: float = 15.0) -> MediaStreamTrack:
+        """The first track of `kind` the server sent, once it arrives."""
+        await eventually(lambda: any(t.kind == kind for t in self.tracks), within)
+        return next(t for t in self.tracks if t.kind == kind)
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -130,21 +138,25 @@ class RoomClient:
         await self.subscriber.close()
 
 
-async def room_of(ws_url: str, api_key: str, model: str, prompt: str | None = None) -> tuple[
-    Any, dict[str, Any]
-]:
-    """Open `/v1/stream`, set `prompt` (acked), send `livekit_join`: the control socket and
-    the `livekit_room_info` it answered."""
-    control = await websockets.connect(f"{ws_url}/v1/stream?api_key={api_key}&model={model}")
-    if prompt is not None:
+async def room_of(
+    ws_url: str, api_key: str, model: str, prompt: str | None = None, image: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Open `/v1/stream`, set `prompt` or the base64 `image` (acked), send `livekit_join`:
+    the control socket and the `livekit_room_info` it answered."""
+    control = await websockets.connect(
+        f"{ws_url}/v1/stream?api_key={api_key}&model={model}", max_size=None
+    )
+    if image is not None:
+        await control.send(json.dumps({"type": "set_image", "image_data": image}))
+    elif prompt is not None:
         await control.send(json.dumps({"type": "prompt", "prompt": prompt}))
     await control.send(json.dumps({"type": "livekit_join"}))
-    acked = prompt is None
+    acked = prompt is None and image is None
     info: dict[str, Any] | None = None
     async with asyncio.timeout(30):
         while info is None or not acked:
             message = json.loads(await control.recv())
-            if message["type"] == "prompt_ack":
+            if message["type"] in ("prompt_ack", "set_image_ack"):
                 assert message["success"], message
                 acked = True
             elif message["type"] == "livekit_room_info":

@@ -5,21 +5,29 @@ and raw sockets for what no client sends on purpose."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 
 import httpx
+import numpy as np
 import pytest
 import websockets
+from aiortc.mediastreams import MediaStreamTrack
+from av import AudioFrame
 from livekit.protocol import rtc
+from PIL import Image
 
 from livemorph.livekit import Grant, RoomTokens
 from livemorph.livekit.tokens import ISSUER
 from livemorph.models import CATALOG
 from livemorph.testing import LiveServer, serve
 from tests.livekit_signal import RoomClient, room_of
-from tests.media import FrameSink, SceneTrack, mean_abs_diff
+from tests.media import FrameSink, SceneTrack, mean_abs_diff, photo
+from tests.support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +132,8 @@ async def test_bad_tokens_are_refused_at_the_upgrade(server, token, status) -> N
     with pytest.raises(websockets.InvalidStatus) as refused:
         await websockets.connect(f"{server.ws_url}/rtc{query}")
     assert refused.value.response.status_code == status
-    reply = httpx.get(f"{server.base_url}/rtc/validate{query}")
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{server.base_url}/rtc/validate{query}")
     assert reply.status_code == status
 
 
@@ -132,7 +141,8 @@ async def test_the_single_connection_path_answers_404_so_clients_fall_back(serve
     with pytest.raises(websockets.InvalidStatus) as refused:
         await websockets.connect(f"{server.ws_url}/rtc/v1?access_token=x")
     assert refused.value.response.status_code == 404
-    assert httpx.get(f"{server.base_url}/rtc/v1/validate").status_code == 404
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{server.base_url}/rtc/v1/validate")).status_code == 404
 
 
 async def test_a_token_for_an_ended_session_finds_no_room(server) -> None:
@@ -200,9 +210,7 @@ async def _viewer_token(server: LiveServer, info: dict) -> str:
 async def test_a_silent_participant_is_let_go_after_the_ping_timeout(server) -> None:
     control, info = await room_of(server.ws_url, server.api_key, MODEL)
     try:
-        silent = await websockets.connect(
-            f"{info['livekit_url']}/rtc?access_token={info['token']}"
-        )
+        silent = await websockets.connect(f"{info['livekit_url']}/rtc?access_token={info['token']}")
         join = rtc.SignalResponse.FromString(await silent.recv()).join
         started = time.monotonic()
         async with asyncio.timeout(join.ping_timeout + 10):
@@ -223,16 +231,17 @@ async def test_pings_are_answered_in_both_forms(server) -> None:
         await client.join(info["livekit_url"], info["token"])
         await client.send(ping=1234)
         await client.send(ping_req=rtc.Ping(timestamp=5678, rtt=3))
-        async with asyncio.timeout(5):
-            while not (
+        await eventually(
+            lambda: (
                 any(r.WhichOneof("message") == "pong" and r.pong == 1234 for r in client.responses)
                 and any(
                     r.WhichOneof("message") == "pong_resp"
                     and r.pong_resp.last_ping_timestamp == 5678
                     for r in client.responses
                 )
-            ):
-                await asyncio.sleep(0.05)
+            ),
+            within=5,
+        )
     finally:
         await client.close()
         await control.close()
@@ -279,3 +288,79 @@ async def test_leaving_the_line_frees_its_place(one_slot: LiveServer) -> None:
         await late.close()
         await first.close()
     assert one_slot.wait_sessions(0) == 0
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone: silence for `quiet` seconds, then a loud 440 Hz tone, in real time."""
+
+    kind = "audio"
+
+    def __init__(self, quiet: float) -> None:
+        super().__init__()
+        self.quiet = quiet
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        rate, samples = 48_000, 960
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._sent / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        t = (self._sent + np.arange(samples)) / rate
+        loud = self._sent / rate >= self.quiet
+        wave = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767 * loud).astype(np.int16)
+        frame = AudioFrame.from_ndarray(wave.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = self._sent
+        frame.time_base = Fraction(1, rate)
+        self._sent += samples
+        return frame
+
+
+@pytest.fixture(scope="module")
+def meter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A node whose avatar engine lights the portrait by the loudness it hears."""
+    with serve(tmp_path_factory.mktemp("meter"), "--engine", "meter") as live:
+        yield live
+
+
+async def test_the_avatar_hears_the_microphone_and_its_voice_joins_the_room(
+    meter_server: LiveServer,
+) -> None:
+    spec = CATALOG["live_avatar"]
+    buffer = io.BytesIO()
+    Image.fromarray(photo(480, 640)).save(buffer, format="PNG")
+    portrait = base64.b64encode(buffer.getvalue()).decode()
+    control, info = await room_of(
+        meter_server.ws_url, meter_server.api_key, "live_avatar", image=portrait
+    )
+    client = RoomClient()
+    try:
+        await client.join(info["livekit_url"], info["token"])
+        await client.publish(ToneTrack(quiet=3.0))
+        video = FrameSink(await client.video())
+        quiet = await video.fresh(skip=5)
+        assert quiet.shape == (spec.height, spec.width, 3)
+        # the engine's voice begins with the microphone: the room offers it again
+        voice = await client.track("audio")
+        assert any(
+            r.WhichOneof("message") == "update" and len(r.update.participants[0].tracks) == 2
+            for r in client.responses
+        ), "the engine participant announced its audio track"
+        await asyncio.sleep(3.5)
+        loud = await video.fresh()
+        assert loud.mean() > 2.0 * quiet.mean(), "the engine heard the microphone"
+        level = 0.0
+        async with asyncio.timeout(15):
+            while level < 0.1:  # the silence before the tone was queued first
+                samples = (await voice.recv()).to_ndarray().astype(np.float64) / 32768.0
+                level = float(np.sqrt(np.mean(samples**2)))
+        # the voice came back through the room (a timeout above says it did not)
+        await video.close()
+    finally:
+        await client.close()
+        await control.close()
+    assert meter_server.wait_sessions(0) == 0

@@ -365,6 +365,7 @@ class Participant:
         answer = keep_best_layer(offer.sdp, sdp)
         await self._send(answer=rtc.SessionDescription(type="answer", sdp=answer, id=offer.id))
         await self._apply_pending(rtc.PUBLISHER)
+        await self._offer_audio()
 
     async def _publish(self, request: rtc.AddTrackRequest) -> None:
         """Acknowledge a track the client is about to publish, with its LiveKit id."""
@@ -387,7 +388,20 @@ class Participant:
     # -- the subscriber connection (server offers) --------------------------------------
 
     async def _offer_output(self) -> None:
-        sdp = await self.output.offer()
+        await self._send_offer(await self.output.offer())
+
+    async def _offer_audio(self) -> None:
+        """The session's audio, when it began after this participant joined: the engine
+        participant publishes a second track (told first, as LiveKit's server does), and
+        the subscriber connection is offered again with it."""
+        sdp = await self.output.offer_audio()
+        if sdp is None:
+            return
+        engine = self.state.rooms.engine_info(self.session.spec, self.ids, audio=True)
+        await self._send(update=rtc.ParticipantUpdate(participants=[engine]))
+        await self._send_offer(sdp)
+
+    async def _send_offer(self, sdp: str) -> None:
         labels = {
             mid: (self.ids.engine, self.ids.video if kind == "video" else self.ids.audio)
             for mid, kind in self.output.media()
@@ -406,6 +420,7 @@ class Participant:
             logger.info("session %s: refused a room answer: %r", self.session.id, exc)
             return
         await self._apply_pending(rtc.SUBSCRIBER)
+        await self._offer_audio()
 
     # -- candidates ---------------------------------------------------------------------
 

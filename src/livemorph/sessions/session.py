@@ -514,6 +514,21 @@ class Viewer:
         await pc.setLocalDescription(await pc.createOffer())
         return pc.localDescription.sdp
 
+    async def offer_audio(self) -> str | None:
+        """Offer again with the session's audio added, once the session has some (the
+        avatar's voice starts with its client's microphone, after the first offer); None
+        when there is none yet, it is already offered, or the last offer is unanswered."""
+        pc, audio = self.pc, self.session.audio
+        if pc is None or audio is None or pc.signalingState != "stable":
+            return None
+        if any(t.kind == "audio" for t in pc.getTransceivers()):
+            return None
+        track = self.session.relay.subscribe(audio, buffered=False)
+        self._tracks.append(track)
+        pc.addTransceiver(track, direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
     async def accept_answer(self, sdp: str) -> None:
         """Apply the client's answer to `offer`; ValueError when there was no offer."""
         if self.pc is None or self.pc.signalingState != "have-local-offer":
