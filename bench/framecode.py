@@ -8,8 +8,12 @@ a (readable) code. Two rows of 22 cells keep it inside 640x352 frames.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from av import VideoFrame
+
+if TYPE_CHECKING:  # only numpy at run time: bench/livekit_client.py runs where av is not
+    from av import VideoFrame
 
 BLOCK = 16  # pixels per cell side, one VP8 macroblock
 ORIGIN = (16, 16)  # (x, y) of the top-left cell, on the macroblock grid
