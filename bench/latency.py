@@ -174,11 +174,14 @@ async def measure(
     seconds: float = 10.0,
     warmup: float = 1.0,
     label: str = "",
+    on_frame: Callable[[float, int | None, int | None], None] | None = None,
 ) -> Result:
     """Run one path for `warmup` + `seconds` after its first frame and summarise latency.
 
     Warm-up frames (keyframe, bitrate ramp-up) count only toward time to first frame. The
     receive loop does nothing but read the stamp, so frames are drained as they arrive.
+    `on_frame(arrived, stamp, latency_ms)` sees every frame of the window as it is read
+    (`arrived` in `time.monotonic()` seconds; stamp and latency None when unreadable).
     """
     source = source_factory()  # pre-renders its frames: not part of time to first frame
     started = time.monotonic()
@@ -208,6 +211,8 @@ async def measure(
             else:
                 latencies.append((arrived_ms - stamp) & 0xFFFFFFFF)
                 samples.append((arrived - window_start, latencies[-1]))
+            if on_frame is not None:
+                on_frame(arrived, stamp, latencies[-1] if stamp is not None else None)
         elapsed = arrived - window_start
         cpu = _cpu_seconds() - cpu_start
     finally:
