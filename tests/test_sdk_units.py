@@ -473,7 +473,18 @@ def test_subscribe_token_round_trip() -> None:
         "sid": "sess_123",
         "ip": "10.1.2.3",
         "port": 8443,
+        "room_name": "sess_123",  # what decart>=0.1 and @decartai/sdk>=0.1 read
     }
+
+
+def test_a_current_clients_token_names_the_session_alone() -> None:
+    # decart==0.2.4 and @decartai/sdk@0.1.20 encode {"room_name": ...}
+    token = base64.urlsafe_b64encode(json.dumps({"room_name": "sess_9"}).encode()).decode()
+    assert decode_subscribe_token(token) == SubscribeTarget("sess_9", "", 0)
+    for bad in ({"room_name": ""}, {"room_name": 3}, {}, []):
+        encoded = base64.urlsafe_b64encode(json.dumps(bad).encode()).decode()
+        with pytest.raises(ValueError, match="invalid subscribe token"):
+            decode_subscribe_token(encoded)
 
 
 async def test_session_id_message_gives_subscribe_token() -> None:

@@ -715,7 +715,8 @@ def serialise(message: Message) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SubscribeTarget:
-    """What a subscribe token names: a session and the node that hosts it."""
+    """What a subscribe token names: a session and the node that hosts it (`ip` empty and
+    `port` 0 when the token names only the room: the current clients' form)."""
 
     session_id: str
     ip: str
@@ -723,18 +724,37 @@ class SubscribeTarget:
 
 
 def encode_subscribe_token(target: SubscribeTarget) -> str:
-    """Encode as both published SDKs do: URL-safe base64 of `{"sid", "ip", "port"}`."""
-    payload = json.dumps({"sid": target.session_id, "ip": target.ip, "port": target.port})
+    """URL-safe base64 of `{"sid", "ip", "port", "room_name"}`: the direct-WebRTC clients
+    read the first three, the current (LiveKit) ones `room_name`, so either generation can
+    watch a session any client started. The room is the session."""
+    payload = json.dumps(
+        {
+            "sid": target.session_id,
+            "ip": target.ip,
+            "port": target.port,
+            "room_name": target.session_id,
+        }
+    )
     return base64.urlsafe_b64encode(payload.encode()).decode()
 
 
 def decode_subscribe_token(token: str) -> SubscribeTarget:
+    """Either generation's token: `{"sid", "ip", "port"}`, or the current clients'
+    `{"room_name"}`, which names the session alone (on the server the viewer talks to)."""
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()).decode())
+        if "sid" not in data and isinstance(data.get("room_name"), str):
+            return SubscribeTarget(_nonempty(data["room_name"]), "", 0)
         target = SubscribeTarget(str(data["sid"]), str(data["ip"]), int(data["port"]))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
         raise ValueError("invalid subscribe token") from exc
     if not target.session_id or not target.ip or target.port <= 0:
         raise ValueError("invalid subscribe token")
     return target
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text

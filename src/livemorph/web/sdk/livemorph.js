@@ -131,6 +131,20 @@ const CATALOG = {
   lucy_v2v_720p_rt: { fps: 25, width: 1280, height: 704 },
   lucy_2_rt: { fps: 20, width: 1280, height: 720 },
   live_avatar: { fps: 25, width: 1280, height: 720 },
+  // The current published clients' names (livemorph/models.py says where they come from).
+  "lucy-2.1": { fps: 30, width: 1280, height: 720 },
+  "lucy-2.5": { fps: 30, width: 1280, height: 720 },
+  "lucy-2.6": { fps: 30, width: 1280, height: 720 },
+  "lucy-restyle-2": { fps: 30, width: 1280, height: 704 },
+  "lucy-vton-2": { fps: 30, width: 1088, height: 624 },
+  "lucy-vton-3": { fps: 30, width: 1088, height: 624 },
+  "lucy-vton-3.5": { fps: 30, width: 1280, height: 720 },
+  "lucy-vton-3.6": { fps: 30, width: 1280, height: 720 },
+  // Aliases: served as the model named in `aliasOf`, at its size and rate.
+  "lucy-latest": { fps: 30, width: 1280, height: 720, aliasOf: "lucy-2.5" },
+  "lucy-restyle-latest": { fps: 30, width: 1280, height: 704, aliasOf: "lucy-restyle-2" },
+  "lucy-vton-latest": { fps: 30, width: 1280, height: 720, aliasOf: "lucy-vton-3.6" },
+  "lucy-2.1-vton-2": { fps: 30, width: 1088, height: 624, aliasOf: "lucy-vton-2" },
 };
 
 /** `models.realtime("mirage_v2")`: a model's name, WebSocket path, fps, width and height. */
@@ -320,9 +334,10 @@ export async function imageToBase64(image) {
 
 // -- subscribe tokens -------------------------------------------------------------------------
 
-/** Encode as the published SDKs do: base64 of `{"sid", "ip", "port"}`. */
+/** Encode for both generations of the published SDKs: base64 of `{"sid", "ip", "port"}`
+ * (the direct-WebRTC ones) and `room_name` (the current ones): the room is the session. */
 export function encodeSubscribeToken(sessionId, ip, port) {
-  return btoa(JSON.stringify({ sid: sessionId, ip, port }));
+  return btoa(JSON.stringify({ sid: sessionId, ip, port, room_name: sessionId }));
 }
 
 /** Decode a subscribe token (standard or URL-safe base64, as the Python SDK writes them). */
@@ -331,6 +346,8 @@ export function decodeSubscribeToken(token) {
     let text = String(token).trim().replace(/-/g, "+").replace(/_/g, "/");
     text += "=".repeat((4 - (text.length % 4)) % 4);
     const payload = JSON.parse(atob(text));
+    if (!payload.sid && typeof payload.room_name === "string" && payload.room_name)
+      return { sid: payload.room_name, ip: "", port: 0 }; // the current clients' form
     const port = Number(payload.port);
     if (!payload.sid || !payload.ip || !Number.isInteger(port) || port <= 0)
       throw new Error("fields");
