@@ -1,15 +1,11 @@
 """The published Python client `decart==0.2.4`, whose realtime sessions run over LiveKit, in
-a virtual environment of its own.
+a virtual environment of its own, for the tests.
 
 `decart==0.0.30` (the direct WebRTC client that tests/test_decart_client.py drives) is in
 the test environment, and 0.2.4 has the same package name, so the two cannot share one.
-`driver_python()` builds a second environment once per lock file, interpreter and machine,
-in the user cache (`LIVEMORPH_CACHE_DIR` moves it): `pip install --require-hashes --no-deps`
-of exactly what `tests/data/decart-py/requirements.txt` pins (decart[realtime] 0.2.4,
-livekit 1.2.1 and everything they need, each with its hashes) from the index pip is
-configured for. It is built under a scratch name and renamed into place, so test processes
-that build it at once do not clash. `tests/data/decart-py/requirements.in` says how the
-lock was made.
+bench/decart_venv.py knows where that environment is and builds it, once per lock file,
+interpreter and machine, from exactly what `tests/data/decart-py/requirements.txt` pins;
+the benches use it too. `driver_python()` is its interpreter, for a test.
 
 `Driver` runs `tests/data/decart-py/drive.py` there against a server: a scenario whose
 events come back as JSON lines, and whose frames land as .npy files in its folder.
@@ -22,99 +18,38 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import queue
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 import pytest
+from bench import decart_venv
 
-VERSION = "0.2.4"
-LIVEKIT_VERSION = "1.2.1"
 DATA_DIR = Path(__file__).parent / "data" / "decart-py"
-LOCK = DATA_DIR / "requirements.txt"
 DRIVER = DATA_DIR / "drive.py"
-#: Building the environment: about 500 MB of wheels, most of it OpenCV and LiveKit's FFI.
-INSTALL_TIMEOUT = 600
 
 
-def _unavailable(message: str) -> None:
+def _unavailable(message: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
 
-def _cache_root() -> Path:
-    configured = os.environ.get("LIVEMORPH_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("livemorph", appauthor=False))
-
-
 @functools.cache
 def driver_python() -> Path:
     """The interpreter of the environment with `decart[realtime]==0.2.4`, built once."""
-    # A virtual environment runs on the interpreter that made it: that is part of its name.
-    interpreter = f"{sys.version}\n{os.path.realpath(sys.base_prefix)}".encode()
-    digest = hashlib.sha256(LOCK.read_bytes() + interpreter).hexdigest()[:16]
-    target = _cache_root() / "decart-py" / f"{VERSION}-{digest}"
-    python = target / "bin" / "python"
-    if python.exists():
-        return python
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as scratch:
-        venv = Path(scratch) / "venv"
-        # No pip inside: this interpreter's pip installs into it (`pip --python`), so the
-        # environment holds only what the lock names, and nothing in it knows its path.
-        _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], "python -m venv")
-        built = venv / "bin" / "python"
-        _run(
-            [
-                *(sys.executable, "-m", "pip", "--python", str(built), "install"),
-                *("--quiet", "--no-input", "--require-hashes", "--no-deps"),
-                *("--requirement", str(LOCK)),
-            ],
-            "pip install",
-        )
-        found = subprocess.run(
-            [str(built), "-c", _VERSIONS],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        if found != [VERSION, LIVEKIT_VERSION]:
-            pytest.fail(f"the lock installed decart and livekit {found}, not {VERSION}")
-        with contextlib.suppress(OSError):  # another process got there first: the same set
-            venv.rename(target)
-    if not python.exists():
-        pytest.fail(f"no interpreter at {python} after building the environment")
-    return python
-
-
-_VERSIONS = "import importlib.metadata as m; print(m.version('decart'), m.version('livekit'))"
-
-
-def _run(command: list[str], what: str) -> None:
     try:
-        subprocess.run(command, capture_output=True, text=True, check=True, timeout=INSTALL_TIMEOUT)
-    except subprocess.CalledProcessError as error:
-        tail = (error.stderr or error.stdout or "").strip()[-1500:]
-        _unavailable(
-            f"{what} failed for decart[realtime]=={VERSION} (is the Python package index "
-            f"reachable? the environment installs {LOCK.name} from it):\n{tail}"
-        )
-    except subprocess.TimeoutExpired:
-        _unavailable(f"{what} for decart[realtime]=={VERSION} took over {INSTALL_TIMEOUT} s")
+        return decart_venv.python()
+    except decart_venv.Unavailable as error:
+        _unavailable(str(error))
+    except decart_venv.Broken as error:
+        pytest.fail(str(error))
 
 
 class Driver:
