@@ -25,6 +25,10 @@ def test_models_lists_the_catalog(http) -> None:
         "kind": CATALOG["mirage_v2"].kind,
         "available": True,
         "engine": "neural",
+        "alias_of": None,
+        "speeds": [],
+        "resolutions": ["720p"],
+        "limitations": None,
     }
     assert models["live_avatar"]["available"] is True
     assert models["live_avatar"]["engine"] == "avatar"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from ..models import AVATAR, CATALOG, ModelSpec, UnknownModelError
+from ..models import ALIASES, AVATAR, CATALOG, ModelSpec, UnknownModelError
 from .base import Engine
 from .grade import GradeEngine
 from .meter import MeterEngine
@@ -55,14 +55,32 @@ ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
 #: kind only on models of that kind.
 LISTENING_ENGINES = frozenset({"avatar", "meter"})
 
-#: The engine each model uses unless configured otherwise; None: not served here yet.
+#: The engine each model uses unless configured otherwise; None: not served here yet. An
+#: alias (`lucy-latest`) takes its target's engine, its target's `--model-engines` choice
+#: included, unless it is given one of its own.
+#:
+#: The try-on models (`lucy-vton-*`) are served by the neural engine as restyles: no engine
+#: here does try-on, and `GET /v1/models` says so in their `limitations`. Serving them so
+#: keeps an app written for them running (its prompts, reference images and sessions all
+#: work, the garment guides the look of the whole scene), as `lucy_2_rt`'s reference image
+#: does; refusing them would only break that app, and would hide nothing the catalog does
+#: not already say.
 DEFAULT_ENGINES: dict[str, str | None] = {
     "mirage": "neural",
     "mirage_v2": "neural",
     "lucy_v2v_720p_rt": "neural",
     "lucy_2_rt": "neural",
     "live_avatar": "avatar",
+    "lucy-2.1": "neural",
+    "lucy-2.5": "neural",
+    "lucy-2.6": "neural",
+    "lucy-restyle-2": "neural",
+    "lucy-vton-2": "neural",
+    "lucy-vton-3": "neural",
+    "lucy-vton-3.5": "neural",
+    "lucy-vton-3.6": "neural",
 }
+DEFAULT_ENGINES.update({alias: DEFAULT_ENGINES[target] for alias, target in ALIASES.items()})
 
 
 class EngineLoadError(RuntimeError):
@@ -129,9 +147,11 @@ class EngineRegistry:
     def _engine_spec(self, model: str) -> str | None:
         if model not in CATALOG:
             raise UnknownModelError(model)
-        if model in self._per_model:
-            return self._per_model[model]
-        default = DEFAULT_ENGINES.get(model)
+        target = CATALOG[model].alias_of or model
+        for name in (model, target):  # an alias's own choice, then its target's
+            if name in self._per_model:
+                return self._per_model[name]
+        default = DEFAULT_ENGINES.get(target)
         if default is None:
             return None
         if self._override is None:

@@ -149,6 +149,9 @@ class Client:
                     width=int(m["width"]),
                     height=int(m["height"]),
                     kind=str(m.get("kind", "")),
+                    speeds=tuple(str(s) for s in m.get("speeds") or ()),
+                    resolutions=tuple(str(r) for r in m.get("resolutions") or ("720p",)),
+                    alias_of=None if m.get("alias_of") is None else str(m["alias_of"]),
                 )
                 for m in items
             ]

@@ -27,6 +27,22 @@ class ModelInfo(BaseModel):
     kind: str
     available: bool = Field(description="Whether this server has an engine for the model.")
     engine: str | None = Field(description="The engine that serves the model here, if any.")
+    alias_of: str | None = Field(
+        description="For an alias (`lucy-latest`), the model it stands for and is served as."
+    )
+    speeds: list[str] = Field(
+        description="The `speed` tiers the published clients advertise for the model. "
+        "`speed=fast` is accepted on every model; this server has one tier, so it changes "
+        "nothing."
+    )
+    resolutions: list[str] = Field(
+        description="The `resolution` values `/v1/stream` accepts for the model: `720p` is "
+        "its own size (width x height); others are refused."
+    )
+    limitations: str | None = Field(
+        description="What this server does not do of what the model is meant to do (the "
+        "try-on models: no try-on, the reference image guides the style only); null: none."
+    )
 
 
 class RealtimeConstraints(BaseModel):
@@ -100,6 +116,10 @@ async def list_models(request: Request) -> list[ModelInfo]:
                 kind=spec.kind,
                 available=engine is not None,
                 engine=engine,
+                alias_of=spec.alias_of,
+                speeds=list(spec.speeds),
+                resolutions=list(spec.resolutions),
+                limitations=spec.limitations,
             )
         )
     return infos
