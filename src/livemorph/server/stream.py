@@ -19,7 +19,7 @@ from ..cluster import ClusterUnavailable
 from ..cluster.relay import RELAY_HEADER
 from ..engines import ModelNotAvailable
 from ..logs import bind_session, unbind_session
-from ..models import UnknownModelError
+from ..models import UnknownModelError, stream_options_refusal
 from ..policy import Policy
 from ..protocol import (
     CLIENT_MESSAGES,
@@ -204,6 +204,9 @@ async def stream(ws: WebSocket) -> None:
         await channel.fatal(
             f"model not available on this server: {model} is not allowed here, see GET /v1/models"
         )
+        return
+    if (bad_options := stream_options_refusal(spec, params)) is not None:
+        await channel.fatal(bad_options)
         return
     if not principal.may_use(model):
         await channel.fatal(f"permission denied: this token may not use model {model}")
