@@ -40,7 +40,23 @@ export declare function errorFromServerText(text: string): LivemorphError;
 export declare function shouldRetry(error: LivemorphError): boolean;
 
 export type RealtimeModelName =
-  "mirage" | "mirage_v2" | "lucy_v2v_720p_rt" | "lucy_2_rt" | "live_avatar";
+  | "mirage"
+  | "mirage_v2"
+  | "lucy_v2v_720p_rt"
+  | "lucy_2_rt"
+  | "live_avatar"
+  | "lucy-2.1"
+  | "lucy-2.5"
+  | "lucy-2.6"
+  | "lucy-restyle-2"
+  | "lucy-vton-2"
+  | "lucy-vton-3"
+  | "lucy-vton-3.5"
+  | "lucy-vton-3.6"
+  | "lucy-latest"
+  | "lucy-restyle-latest"
+  | "lucy-vton-latest"
+  | "lucy-2.1-vton-2";
 
 export interface ModelDefinition {
   readonly name: RealtimeModelName | string;
@@ -48,6 +64,8 @@ export interface ModelDefinition {
   readonly fps: number;
   readonly width: number;
   readonly height: number;
+  /** For an alias (`lucy-latest`): the model it stands for and is served as. */
+  readonly aliasOf?: RealtimeModelName;
 }
 
 export declare const models: {
@@ -200,6 +218,14 @@ export interface ServerModel {
   kind: string;
   available: boolean;
   engine: string | null;
+  /** For an alias (`lucy-latest`): the model it stands for and is served as. */
+  alias_of: string | null;
+  /** The `speed` tiers the published clients advertise; `fast` changes nothing here. */
+  speeds: string[];
+  /** The `resolution` values `/v1/stream` accepts: `720p`, the model's own size. */
+  resolutions: string[];
+  /** What this server does not do of what the model is meant to do (try-on, say). */
+  limitations: string | null;
 }
 
 export interface LivemorphClient {
