@@ -105,6 +105,11 @@ def stamp_luma(y: np.ndarray, value: int) -> None:
     _paint(y, value, black=16, white=235)
 
 
+def read_luma(y: np.ndarray) -> int | None:
+    """The value stamped into a 2-D luma array (a decoded frame's Y plane), or None."""
+    return _decode(y)
+
+
 def read_yuv(frame: VideoFrame) -> int | None:
     """The value stamped into a decoded yuv420p (or other planar YUV) frame's Y plane.
 
