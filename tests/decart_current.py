@@ -106,11 +106,13 @@ class Driver:
             return event
 
     def until(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Read events up to the first `name` (a failed step's event ends the wait too:
-        the assertion shows it)."""
+        """Read events up to the first `name`. A step that failed and stopped the scenario
+        ends the wait too, with an assertion that shows it; one that the scenario went on
+        after is only recorded (`step()` checks it)."""
         deadline = time.monotonic() + timeout
         while (event := self._next(deadline)) is not None:
-            if event["event"] == name or event.get("ok") is False or event["event"] == "crashed":
+            stopped = event.get("ok") is False and event.get("fatal", True)
+            if event["event"] in (name, "crashed") or stopped:
                 assert event["event"] == name and event.get("ok", True), self.report()
                 return event
         raise AssertionError(f"drive.py ended before {name!r}\n{self.report()}")
@@ -134,6 +136,12 @@ class Driver:
             if event["event"] == name:
                 return event
         raise AssertionError(f"no {name!r} event\n{self.report()}")
+
+    def step(self, name: str) -> dict[str, Any]:
+        """The event of the step `name`, which must have been reached and gone well."""
+        event = self.event(name)
+        assert event.get("ok", True), f"step {name!r} failed\n{self.report()}"
+        return event
 
     def frame(self, name: str) -> np.ndarray:
         return np.load(self.out / name)

@@ -80,24 +80,30 @@ class Failed(Exception):
 
 
 @contextlib.contextmanager
-def step(name: str) -> Iterator[dict[str, Any]]:
-    """Emit `name` with what the block put in the dict, or with the error that stopped it."""
+def step(name: str, *, fatal: bool = True) -> Iterator[dict[str, Any]]:
+    """Emit `name` with what the block put in the dict, or with the error that stopped it.
+
+    A step that is not `fatal` is reported when it fails and the scenario goes on: the
+    steps after it do not need it."""
     fields: dict[str, Any] = {}
     started = time.monotonic()
     try:
         yield fields
     except Failed:
         raise
-    except BaseException as error:
+    except Exception as error:
         emit(
             name,
             ok=False,
+            fatal=fatal,
             seconds=round(time.monotonic() - started, 3),
             error=describe(error),
             traceback=traceback.format_exc(),
             **fields,
         )
-        raise Failed(name) from error
+        if fatal:
+            raise Failed(name) from error
+        return
     emit(name, ok=True, seconds=round(time.monotonic() - started, 3), **fields)
 
 
@@ -358,7 +364,7 @@ async def session(s: Scenario) -> None:
         first = await output.fresh(skip=0)
         info.update(output.stats(), frame=output.save("first", first), shape=first.shape)
 
-    with step("set_prompt") as info:
+    with step("set_prompt", fatal=False) as info:
         before = await output.fresh()
         info["before"] = output.save("before", before)
         started = time.monotonic()
@@ -367,7 +373,7 @@ async def session(s: Scenario) -> None:
         after = await output.fresh(skip=4)
         info["after"] = output.save("after", after)
 
-    with step("refused") as info:
+    with step("refused", fatal=False) as info:
         for how in ("set_prompt", "set"):
             started = time.monotonic()
             try:
@@ -388,7 +394,7 @@ async def session(s: Scenario) -> None:
         await rt.set_prompt(args.new_prompt)  # steering still works
         info["steers_after"] = True
 
-    with step("ticks") as info:
+    with step("ticks", fatal=False) as info:
         try:
             async with asyncio.timeout(args.tick_timeout):
                 while len(ticks) < 2:
@@ -398,7 +404,7 @@ async def session(s: Scenario) -> None:
             pass
         info["seconds_seen"] = list(ticks)
 
-    with step("viewer") as info:
+    with step("viewer", fatal=False) as info:
         watching = s.receiver("viewer")
         async with asyncio.timeout(args.connect_timeout):
             viewer: SubscribeClient = await RealtimeClient.subscribe(
