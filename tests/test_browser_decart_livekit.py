@@ -299,6 +299,11 @@ class Pages:
     def close(self) -> None:
         for page in self.opened:
             try:
+                # The SDK's own account of each connect: its phases and how long each took.
+                for event in page.evaluate(
+                    "() => app.events.filter((e) => e.name === 'diagnostic').map((e) => e.data)"
+                ):
+                    self.note("diagnostic", json.dumps(event)[:600])
                 page.evaluate("() => { app.rt?.disconnect(); app.viewer?.disconnect(); }")
             except Exception as error:  # a page that crashed says so in the log
                 self.note("close", f"could not disconnect: {error}")
