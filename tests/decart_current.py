@@ -53,7 +53,8 @@ def driver_python() -> Path:
 
 
 class Driver:
-    """drive.py running one scenario: its events as they come, its stderr in `out/driver.log`.
+    """drive.py running one scenario: its events as they come (also kept in
+    `out/events.jsonl`), its stderr in `out/driver.log`.
 
     with Driver(out, "--scenario", "session", ...) as driver:
         driver.until("checkpoint")   # the event dict; fails with the log if it never comes
@@ -103,6 +104,8 @@ class Driver:
             except ValueError:
                 continue  # not one of ours: something printed to stdout
             self.events.append(event)
+            with open(self.out / "events.jsonl", "a") as kept:  # evidence, beside the log
+                kept.write(line)
             return event
 
     def until(self, name: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -31,12 +31,18 @@ from tests.media import mean_abs_diff, photo
 #: does not connect: over two minutes at worst).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-MODEL = CATALOG["mirage_v2"]
+#: The newest realtime model the client lists: drive.py streams with the client's own
+#: definition of it (`models.realtime`), whose size and rate the server's catalog shares.
+MODEL = CATALOG["lucy-2.6"]
 PROMPT = "anime"
 NEW_PROMPT = "cyberpunk neon city"
 #: Refused by the embedded blocklist (src/livemorph/policy/blocklist.txt); would turn the
 #: output to sepia if it got through.
 REFUSED_PROMPT = "sepia film, p0rn"
+#: Output frames a second, on average over the session, that show video keeps flowing: the
+#: 2-core machine runs the client's encoder and decoder beside the server's engine (about
+#: 10 a second at 1280x720 there), so this is no measure of speed.
+MIN_FPS = 5
 #: drive.py spends about a second starting up; the rest is the scenario's own.
 SCENARIO_TIMEOUT = 90
 #: A node's first session loads its engine (the neural engine's style catalog: 8 s on a
@@ -107,6 +113,9 @@ def session_run(server, tmp_path_factory: pytest.TempPathFactory) -> SessionRun:
 
 def test_connect_with_initial_prompt_and_image(session_run: SessionRun) -> None:
     driver = session_run.driver
+    start = driver.event("start")
+    assert start["model"] == MODEL.name and start["size"] == [MODEL.width, MODEL.height]
+    assert start["fps"] == MODEL.fps and start["versions"]["decart"] == "0.2.4"
     connected = driver.step("connected")
     assert connected["session_id"] and connected["is_connected"], driver.report()
     room = json.loads(base64.urlsafe_b64decode(connected["subscribe_token"]))["room_name"]
@@ -162,7 +171,7 @@ def test_disconnect_ends_the_session(session_run: SessionRun) -> None:
     driver = session_run.driver
     ended = driver.step("disconnected")
     assert ended["state"] == "disconnected"
-    assert ended["output"]["fps"] > MODEL.fps / 3, ended["output"]
+    assert ended["output"]["fps"] > MIN_FPS, ended["output"]
     assert ended["errors"] == [], "no error reached the app"
     assert session_run.sessions_after_disconnect == 0, "the server still runs the session"
     assert driver.events[-1]["event"] == "done", driver.report()
