@@ -107,7 +107,14 @@ class RoomClient:
         await self.offer(offer_id)
         return info
 
-    async def offer(self, offer_id: int) -> rtc.SessionDescription:
+    async def offer(self, offer_id: int, data: bool = False) -> rtc.SessionDescription:
+        """Offer on the publisher connection; with `data`, the data channels both clients
+        open. (Media added to this client's connection after its data channels did not
+        flow here, and was not looked into: the published clients, which negotiate
+        that way, are tested for it in the tests of Decart's clients.)"""
+        if data and self.publisher.sctp is None:
+            self.publisher.createDataChannel("_reliable")
+            self.publisher.createDataChannel("_lossy", ordered=False, maxRetransmits=0)
         await self.publisher.setLocalDescription(await self.publisher.createOffer())
         answered: asyncio.Future[rtc.SessionDescription] = (
             asyncio.get_running_loop().create_future()

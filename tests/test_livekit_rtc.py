@@ -95,6 +95,9 @@ async def test_a_session_streams_through_its_room_and_a_viewer_watches(server) -
         await viewer.join(watch["livekit_url"], watch["token"], bearer=True)
         assert viewer.joined is not None
         assert not viewer.joined.participant.permission.can_publish
+        # LiveKit's Rust client negotiates a publisher connection even as a viewer
+        inactive = await viewer.offer(1, data=True)
+        assert "m=application" in inactive.sdp
         watched = FrameSink(await viewer.video())
         seen = await watched.fresh()
         assert seen.shape == (spec.height, spec.width, 3)

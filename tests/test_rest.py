@@ -39,6 +39,7 @@ def test_token_with_no_body_and_no_content_type(http, server) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["apiKey"].startswith("ek_")
+    assert body["token"] == body["apiKey"], "decart>=0.2 requires the field"
     assert body["expiresAt"].endswith("Z")
     assert "permissions" not in body and "constraints" not in body
 

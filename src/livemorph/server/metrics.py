@@ -253,7 +253,7 @@ class _LiveSessions(Collector):
         )
         watching: Tally[str] = Tally()
         for session in live:
-            watching[session.spec.name] += sum(viewer.watcher for viewer in session.viewers)
+            watching[session.spec.name] += len(session.viewers)
         for model, count in sorted(watching.items()):
             viewers.add_metric([model], count)
         yield viewers

@@ -67,6 +67,10 @@ class TokenRequest(BaseModel):
 
 class TokenResponse(BaseModel):
     apiKey: str
+    #: The same credential: Decart's current clients (`decart>=0.2`) require a `token`
+    #: field, the one their frontends are told to use. livemorph's client tokens are
+    #: opaque keys checked by the server (hashed), not JWTs to verify offline.
+    token: str
     expiresAt: str
     permissions: dict[str, list[str]] | None = None
     constraints: dict[str, Any] | None = None
@@ -88,6 +92,7 @@ def token_body(secret: str, token: ClientToken, models: list[str] | None) -> dic
     """The JSON answer for a newly minted client token; `models`: its permitted models."""
     return TokenResponse(
         apiKey=secret,
+        token=secret,
         expiresAt=token.expires_at.isoformat().replace("+00:00", "Z"),
         permissions=None if models is None else {"models": models},
         constraints=token.constraints,

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse
 from livekit.protocol import models, rtc
@@ -43,7 +44,7 @@ from ..livekit import Grant, SignalError, TokenError, new_sid, parse_request, re
 from ..livekit.sdp import keep_best_layer, label_tracks
 from ..protocol import Candidate
 from ..sessions import Session
-from ..sessions.session import Viewer
+from ..sessions.session import Viewer, new_peer_connection
 from .limits import CLUSTER_UNAVAILABLE
 from .metrics import INVALID_KEY_REASON
 from .rooms import RoomIds, livekit_url
@@ -217,6 +218,8 @@ class Participant:
         self._pending: dict[int, list[Candidate]] = {rtc.PUBLISHER: [], rtc.SUBSCRIBER: []}
         self._offer_id = 0
         self._gone = asyncio.Event()
+        #: A viewer's publisher connection, which carries nothing (`_answer_viewer`).
+        self.inbound: RTCPeerConnection | None = None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -352,11 +355,11 @@ class Participant:
     # -- the publisher connection (client offers) ---------------------------------------
 
     async def _answer(self, offer: rtc.SessionDescription) -> None:
-        if not self.publishes:
-            logger.info("session %s: a viewer offered media; ignored", self.session.id)
-            return
         try:
-            sdp = await self.session.accept_publisher_offer(offer.sdp)
+            if self.publishes:
+                sdp = await self.session.accept_publisher_offer(offer.sdp)
+            else:
+                sdp = await self._answer_viewer(offer.sdp)
         except Exception as exc:  # aiortc raises assorted errors on a malformed SDP
             logger.info("session %s: refused a room offer: %r", self.session.id, exc)
             await self.leave(rtc.LeaveRequest.Action.DISCONNECT, models.JOIN_FAILURE)
@@ -366,6 +369,19 @@ class Participant:
         await self._send(answer=rtc.SessionDescription(type="answer", sdp=answer, id=offer.id))
         await self._apply_pending(rtc.PUBLISHER)
         await self._offer_audio()
+
+    async def _answer_viewer(self, sdp: str) -> str:
+        """A viewer's publisher connection: LiveKit's Rust client negotiates one even when
+        it may not publish (its data channels), and waits for it to connect. Every media
+        section is answered inactive: a viewer's token may not publish."""
+        if self.inbound is None:
+            self.inbound = new_peer_connection()
+        pc = self.inbound
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        for transceiver in pc.getTransceivers():
+            transceiver.direction = "inactive"
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription.sdp
 
     async def _publish(self, request: rtc.AddTrackRequest) -> None:
         """Acknowledge a track the client is about to publish, with its LiveKit id."""
@@ -440,7 +456,7 @@ class Participant:
     async def _apply_pending(self, target: int) -> None:
         """Apply the candidates kept for `target` once its remote description is set."""
         if target == rtc.PUBLISHER:
-            pc = self.session.pc if self.publishes else None
+            pc = self.session.pc if self.publishes else self.inbound
         else:
             pc = self.output.pc
         if pc is None or pc.remoteDescription is None:
@@ -470,6 +486,8 @@ class Participant:
 
     async def close(self) -> None:
         await self.output.close()
+        if self.inbound is not None:
+            await self.inbound.close()
         rooms = self.state.rooms
         if self.publishes and rooms.publishers.get(self.session.id) is self:
             del rooms.publishers[self.session.id]

@@ -152,6 +152,8 @@ class Session:
         self.audio: MediaStreamTrack | None = None
         self.pc: RTCPeerConnection | None = None
         self.viewers: set[Viewer] = set()
+        #: The client's own output on connections the server offers (LiveKit's rooms).
+        self.outputs: set[Viewer] = set()
         self.seconds = 0
         self.ended = asyncio.Event()
         self.end_reason: str | None = None
@@ -401,9 +403,9 @@ class Session:
     def add_output(self, *, watcher: bool) -> Viewer:
         """A connection of the output that the server offers (LiveKit's subscriber
         connection): a viewer's when `watcher`, else the publishing client's own, which
-        is not counted among the session's viewers. Closed with the session."""
-        viewer = Viewer(self, _nowhere, watcher=watcher)
-        self.viewers.add(viewer)
+        is not one of the session's viewers. Closed with the session."""
+        viewer = Viewer(self, _nowhere)
+        (self.viewers if watcher else self.outputs).add(viewer)
         return viewer
 
     # -- teardown ---------------------------------------------------------------------
@@ -421,7 +423,7 @@ class Session:
         await self.meter.end(self)  # usage stops being counted now
         if notify:
             await self._send(GenerationEnded(self.seconds, reason))
-        await asyncio.gather(*(viewer.close() for viewer in list(self.viewers)))
+        await asyncio.gather(*(v.close() for v in [*self.viewers, *self.outputs]))
         await self.pipeline.close()
         if self.audio is not None:
             self.audio.stop()
@@ -446,11 +448,9 @@ class Session:
 class Viewer:
     """Watches a session's output through the relay; never steers it."""
 
-    def __init__(self, session: Session, send: Send, *, watcher: bool = True) -> None:
+    def __init__(self, session: Session, send: Send) -> None:
         self.session = session
         self._send = send
-        #: False for the publishing client's own output (LiveKit's subscriber connection)
-        self.watcher = watcher
         self.pc: RTCPeerConnection | None = None
         self._tracks: list[MediaStreamTrack] = []
         self.ended = asyncio.Event()
@@ -550,6 +550,7 @@ class Viewer:
             return
         self.ended.set()
         self.session.viewers.discard(self)
+        self.session.outputs.discard(self)
         for track in self._tracks:
             track.stop()
         if self.pc is not None:
