@@ -46,7 +46,7 @@ from ..protocol import Candidate
 from ..sessions import Session
 from ..sessions.session import Viewer, new_peer_connection
 from .limits import CLUSTER_UNAVAILABLE
-from .metrics import INVALID_KEY_REASON
+from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
 from .rooms import RoomIds, livekit_url
 from .state import AppState
 
@@ -218,6 +218,7 @@ class Participant:
         self._pending: dict[int, list[Candidate]] = {rtc.PUBLISHER: [], rtc.SUBSCRIBER: []}
         self._offer_id = 0
         self._gone = asyncio.Event()
+        self._gate = state.limits.message_gate()
         #: A viewer's publisher connection, which carries nothing (`_answer_viewer`).
         self.inbound: RTCPeerConnection | None = None
 
@@ -275,6 +276,9 @@ class Participant:
                 return
             if event["type"] == "websocket.disconnect":
                 return
+            if not self._gate.admit()[0]:
+                self.state.metrics.refused(RATE_LIMIT_REASON)
+                continue  # over the message rate: dropped unread, as on /v1/stream
             text = event.get("text")
             yield text if text is not None else event.get("bytes") or b""
 
