@@ -17,7 +17,7 @@ from livemorph.livekit import (
     parse_request,
     respond,
 )
-from livemorph.livekit.sdp import best_layer, keep_best_layer, label_tracks
+from livemorph.livekit.sdp import best_layer, hint_bitrate, keep_best_layer, label_tracks
 from livemorph.livekit.signal import MAX_SIGNAL_BYTES
 
 #: A browser's publisher offer, cut to what matters: one simulcast H.264 section with RTX,
@@ -146,3 +146,19 @@ def test_signal_frames_are_checked_before_use() -> None:
     with pytest.raises(TypeError):
         respond(pong=1, refresh_token="x")
     assert new_sid("PA_").startswith("PA_") and len(new_sid("TR_")) == 15
+
+
+def test_a_publishers_answer_asks_for_a_starting_and_a_least_bitrate() -> None:
+    hinted = hint_bitrate(keep_best_layer(OFFER, ANSWER), 1700, 800)
+    video = _section(hinted, "0")
+    assert "a=fmtp:102 x-google-start-bitrate=1700;x-google-min-bitrate=800" in video
+    assert _section(hinted, "1") == _section(ANSWER, "1"), "audio untouched"
+    with_fmtp = ANSWER.replace(
+        "a=rtpmap:102 H264/90000", "a=rtpmap:102 H264/90000\r\na=fmtp:102 packetization-mode=1"
+    )
+    video = _section(hint_bitrate(with_fmtp, 1700, 800), "0")
+    assert (
+        "a=fmtp:102 packetization-mode=1;x-google-start-bitrate=1700;x-google-min-bitrate=800"
+        in video
+    )
+    assert "a=fmtp:103 apt=102" in video, "RTX keeps its own parameters"

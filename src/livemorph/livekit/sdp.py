@@ -6,6 +6,11 @@
   quarter-size one). `keep_best_layer` answers as RFC 8853 lets a receiver do, accepting
   one layer, the largest, so the sender keeps that one alone; RTX is left out of such a
   section, because aiortc drops retransmissions from a stream whose SSRC was never signalled.
+- **Bitrate.** LiveKit's server gives its publishers transport-wide congestion feedback,
+  on which libwebrtc ramps up in a second or two; aiortc has only REMB, and on it the
+  camera started at 250 kb/s and 640x352 and took 16 s to reach 960x528 (never its full
+  size) in `bench/livekit_latency.py`. `hint_bitrate` writes libwebrtc's own
+  `x-google-start-bitrate` and `x-google-min-bitrate` into the answer's video codecs.
 - **Track names.** LiveKit's clients find the participant and the track a media section
   belongs to from its `a=msid:<participant sid>|<track sid> <track sid>`; aiortc writes
   random ids there. `label_tracks` writes LiveKit's.
@@ -116,6 +121,30 @@ def keep_best_layer(offer: str, answer: str) -> str:
             section = [*section, f"a=rid:{layer} recv", f"a=simulcast:recv {layer}"]
         rewritten.append(section)
     return _join(session, rewritten)
+
+
+def hint_bitrate(answer: str, start_kbps: int, min_kbps: int) -> str:
+    """`answer` with each video codec (not RTX) asking libwebrtc senders to start at
+    `start_kbps` and not to go under `min_kbps` (`x-google-*` fmtp parameters)."""
+    session, media = _sections(answer)
+    hint = f"x-google-start-bitrate={start_kbps};x-google-min-bitrate={min_kbps}"
+    for index, section in enumerate(media):
+        if not section[0].startswith("m=video"):
+            continue
+        payloads = [pt for pt in section[0].split()[3:] if pt not in _rtx_payloads(section)]
+        lines = []
+        for line in section:
+            match = re.match(r"a=fmtp:(\d+) ", line)
+            if match and match.group(1) in payloads:
+                line = f"{line};{hint}"
+            lines.append(line)
+        have = {m.group(1) for line in lines if (m := re.match(r"a=fmtp:(\d+) ", line))}
+        for pt in payloads:
+            if pt not in have:
+                at = max(i for i, line in enumerate(lines) if line.startswith(f"a=rtpmap:{pt} "))
+                lines.insert(at + 1, f"a=fmtp:{pt} {hint}")
+        media[index] = lines
+    return _join(session, media)
 
 
 def label_tracks(sdp: str, labels: Mapping[str, tuple[str, str]]) -> str:

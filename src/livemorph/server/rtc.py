@@ -41,7 +41,7 @@ from starlette.websockets import WebSocketState
 
 from ..cluster import ClusterUnavailable
 from ..livekit import Grant, SignalError, TokenError, new_sid, parse_request, respond
-from ..livekit.sdp import keep_best_layer, label_tracks
+from ..livekit.sdp import hint_bitrate, keep_best_layer, label_tracks
 from ..protocol import Candidate
 from ..sessions import Session
 from ..sessions.session import Viewer, new_peer_connection
@@ -370,6 +370,8 @@ class Participant:
             self._gone.set()
             return
         answer = keep_best_layer(offer.sdp, sdp)
+        if self.publishes:
+            answer = hint_bitrate(answer, START_KBPS, MIN_KBPS)
         await self._send(answer=rtc.SessionDescription(type="answer", sdp=answer, id=offer.id))
         await self._apply_pending(rtc.PUBLISHER)
         await self._offer_audio()
@@ -510,6 +512,11 @@ class Participant:
             await self.ws.send_bytes(respond(**message))
 
 
+#: What a publisher's camera is asked to start at and stay above (livekit/sdp.py, "Bitrate"):
+#: a 720p camera at LiveKit's own default for that size; the floor keeps the engine fed
+#: with a picture it can read while aiortc's REMB estimate ramps up.
+START_KBPS = 1700
+MIN_KBPS = 800
 #: Candidates kept for a connection whose remote description is not set yet.
 MAX_PENDING_CANDIDATES = 32
 #: The LiveKit server version this endpoint answers as: the clients gate features on it.
