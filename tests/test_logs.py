@@ -154,3 +154,22 @@ async def test_a_servers_json_log_names_the_session_and_holds_no_key(tmp_path: P
     assert any("ended" in str(r["message"]) for r in mine)
     opened = [r for r in records if "/v1/stream" in str(r["message"])]
     assert opened and all("api_key=[redacted]" in str(r["message"]) for r in opened)
+
+
+def test_uvicorn_access_lines_keep_their_arguments_when_redacted() -> None:
+    """uvicorn's access formatter unpacks the record's arguments: redaction keeps them."""
+    from uvicorn.logging import AccessFormatter
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/rtc/validate?access_token=eyJhbGc.x.y", "1.1", 401),
+        None,
+    )
+    assert RedactSecrets().filter(record)
+    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s").format(record)
+    assert "eyJhbGc" not in line
+    assert "GET /rtc/validate?access_token=[redacted] HTTP/1.1" in line

@@ -38,12 +38,23 @@ def redact(text: str) -> str:
 
 
 class RedactSecrets(logging.Filter):
+    """Redacts the message and each of its arguments in place, keeping their shape: a
+    formatter may read the arguments themselves (uvicorn's access lines unpack theirs)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: _redacted(value) for key, value in record.args.items()}
         message = record.getMessage()
         cleaned = redact(message)
-        if cleaned != message:
+        if cleaned != message:  # a secret in the format or in an argument that is not text
             record.msg, record.args = cleaned, None
         return True
+
+
+def _redacted(value: object) -> object:
+    return redact(value) if isinstance(value, str) else value
 
 
 def install_redaction() -> None:
