@@ -166,6 +166,21 @@ def test_a_named_origin_reads_the_answers(cors_server: LiveServer) -> None:
     assert refused.headers["access-control-allow-origin"] == APP_ORIGIN
 
 
+@pytest.mark.parametrize(
+    ("path", "status"), [("/rtc/v1/validate", 404), ("/rtc/validate?access_token=x", 401)]
+)
+def test_livekit_clients_read_why_a_room_join_failed(
+    cors_server: LiveServer, path: str, status: int
+) -> None:
+    """livekit-client fetches these after a failed join: the 404 of the first sends it to
+    `/rtc`, so a page on another origin that cannot read it never joins its room."""
+    answer = httpx.get(f"{cors_server.base_url}{path}", headers={"Origin": DEV_ORIGIN})
+    assert answer.status_code == status
+    assert answer.headers["access-control-allow-origin"] == DEV_ORIGIN
+    other = httpx.get(f"{cors_server.base_url}{path}", headers={"Origin": OTHER_ORIGIN})
+    assert "access-control-allow-origin" not in other.headers
+
+
 # -- any other origin, any path outside the API, the default ----------------------------------
 
 

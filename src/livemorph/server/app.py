@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 #: The paths browser apps call with fetch, which `--cors-origins` opens to other origins.
 #: Decart's JS SDK calls POST /v1/client/tokens, /v1/generate/{model}, /v1/jobs/{model},
 #: GET /v1/jobs/{id} and /v1/jobs/{id}/content, POST|GET|DELETE /v1/files[/{id}] and
-#: POST /watch-stream/{room}; this server's own SDK GET /v1/models too. Not /demo/token,
+#: POST /watch-stream/{room}; this server's own SDK GET /v1/models too; and livekit-client
+#: GETs /rtc/v1/validate (whose 404 sends it to /rtc) and /rtc/validate (why a join
+#: failed): without them a page on another origin never joins its room. Not /demo/token,
 #: which mints tokens for whoever reaches it, nor /metrics: what they answer rests on who
 #: can reach the server, not on a key a page must hold.
-CORS_PATHS = ("/v1/", "/watch-stream/")
+CORS_PATHS = ("/v1/", "/watch-stream/", "/rtc/")
 CORS_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 #: What those calls send beyond the safelisted headers: the key, a bearer token, JSON, and
 #: the SDK's `User-Agent` (Chromium drops it, Firefox sends it, so it is asked for).
