@@ -399,7 +399,7 @@ def test_events_and_the_offer(page: Any, fake: FakeSignaling) -> None:
     assert (
         page.evaluate("() => rt.subscribeToken")
         == base64.b64encode(
-            f'{{"sid":"fake-1","ip":"127.0.0.1","port":{fake.port}}}'.encode()
+            f'{{"sid":"fake-1","ip":"127.0.0.1","port":{fake.port},"room_name":"fake-1"}}'.encode()
         ).decode()
     )
 

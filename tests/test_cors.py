@@ -9,7 +9,6 @@ the API as Decart's JS SDK does.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from livemorph import cli, config
@@ -256,13 +255,13 @@ def test_a_private_network_preflight_from_a_named_origin(cors_server: LiveServer
     assert cors_headers(elsewhere) == {}
 
 
-async def test_websockets_are_untouched(cors_server: LiveServer) -> None:
-    """Browsers apply no CORS to WebSockets: a session opens from any origin, as before."""
+def test_websockets_are_untouched(cors_server: LiveServer) -> None:
+    """Browsers apply no CORS to WebSockets: a session opens from any origin, as before.
+    (Synchronous: this module's browser tests hold Playwright's event loop in this thread.)"""
     url = f"{cors_server.ws_url}/v1/stream?api_key={cors_server.api_key}&model=mirage"
     for origin in (APP_ORIGIN, OTHER_ORIGIN):
-        async with connect(url, origin=Origin(origin)) as ws:
-            async with asyncio.timeout(10):
-                message = json.loads(await ws.recv())
+        with connect(url, origin=Origin(origin), open_timeout=10) as ws:
+            message = json.loads(ws.recv(timeout=10))
             assert message["type"] == "session_id"
 
 
