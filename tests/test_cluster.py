@@ -21,6 +21,7 @@ from livemorph.cluster.relay import RELAY_HEADER, sign
 from livemorph.protocol import decode_subscribe_token
 from livemorph.server.limits import AT_CAPACITY, CLUSTER_UNAVAILABLE, TOO_MANY_SESSIONS
 from livemorph.testing import LiveServer, start_server, stop_server
+from tests.livekit_signal import RoomClient, room_of
 from tests.media import FrameSink, SceneTrack, mean_abs_diff, photo
 from tests.postgres import PostgresServer
 from tests.redis_server import RedisServer, redis_server
@@ -410,3 +411,38 @@ def _session_ids(cluster: Cluster, exclude: LiveServer) -> set[str]:
         if node["publicPort"] != port
         for session in node["sessions"]
     }
+
+
+async def test_a_livekit_room_is_served_by_the_node_its_session_was_relayed_to(
+    cluster: Cluster,
+) -> None:
+    a, _, _ = cluster.nodes
+    filler, _ = await room_of(a.ws_url, a.api_key, "mirage")  # a's one place
+    relayed, info = await room_of(a.ws_url, a.api_key, "mirage")
+    client, viewer = RoomClient(), RoomClient()
+    try:
+        holder = cluster.node_at(int(info["livekit_url"].rsplit(":", 1)[1]))
+        assert holder is not a, "the room is on the node that holds the session"
+        assert info["livekit_url"] == holder.ws_url
+        await client.join(info["livekit_url"], info["token"])
+        await client.publish(SceneTrack(320, 176))
+        output = FrameSink(await client.video())
+        await output.fresh()
+        await output.close()
+        # a viewer asks the entry node, which holds no such room: the holder answers
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(
+                f"{a.base_url}/watch-stream/{info['room_name']}", headers={"x-api-key": a.api_key}
+            )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["livekit_url"] == holder.ws_url
+        await viewer.join(reply.json()["livekit_url"], reply.json()["token"])
+        watched = FrameSink(await viewer.video())
+        await watched.fresh()
+        await watched.close()
+    finally:
+        await viewer.close()
+        await client.close()
+        await relayed.close()
+        await filler.close()
+    await eventually(lambda: sum(cluster.sessions_by_node().values()) == 0)
