@@ -33,29 +33,29 @@ Not bench/livekit.py: bench/ is the first entry of sys.path for every bench scri
 server's (bench_server.py) included, and a module named `livekit` there hides the `livekit`
 package (`from livekit.protocol import models` fails: "'livekit' is not a package").
 
-Figures, 2026-12-07, on this 2-core machine while other test runs shared it (the machine
-column), `python bench/livekit_latency.py` (mirage_v2 1280x704@22, 20 s a run; direct:
-decart 0.0.30, livekit: decart 0.2.4 with livekit 1.2.1):
+Figures, 2026-12-07, on this 2-core machine, `python bench/livekit_latency.py`
+(mirage_v2 1280x704@22, 20 s a run; direct: decart 0.0.30, livekit: decart 0.2.4 with
+livekit 1.2.1):
 
     path    run ttff ms   p50    p95    p99   fps frames lost stale  server client machine
-    direct    1     198  74.0  112.2  150.5  21.8    436    3     0   24.3%  33.4%  138.6%
-    livekit   1     814  41.0   57.0   61.3  21.8    435    4     0   22.2%  22.5%  113.0%
-    direct    2     265  74.0   93.0  138.3  21.9    439    1     0   23.7%  32.9%  159.2%
-    livekit   2     803  36.0   45.0   52.0  21.8    435    4     0   19.8%  19.5%   87.3%
-    livekit/direct, median of 2 runs: p50 0.52  ttff 3.58
+    direct    1     275  77.0  102.0  120.2  22.0    440    0     0   28.0%  38.4%   91.4%
+    livekit   1     592  45.0   61.0   67.0  22.0    440    0     0   23.2%  35.4%   66.9%
+    direct    2     213  71.0   80.0   86.6  22.0    439    0     0   24.6%  33.7%   59.2%
+    livekit   2     601  39.0   43.0   45.0  22.0    440    0     0   21.5%  32.9%   59.5%
+    livekit/direct, median of 2 runs: p50 0.57  ttff 2.48
 
-Read the LiveKit rows with what its WebRTC reports: the publisher (OpenH264) starts at a
-250 kbps target, limited by bandwidth, and sends the camera at 640x352, at 960x528 from
-about 16 s on, and not at 1280x704 within a run; the server upscales it to the model's
-size. (Likely why: the server's answer negotiates REMB but not the transport-cc the
-publisher offers, and the target climbs about 7% a second.) So over this window the
-LiveKit path carries a quarter to a half of the direct path's pixels, which helps its
-latency; the direct path sends 1280x704 VP8 from aiortc, encoded and decoded in this
-process. Most of the LiveKit ttff is signalling; in one debug run (first frame at 0.95 s):
-`livekit_join` and LiveKit's join (after a 404 on `/rtc/v1`, which livekit 1.2.1 tries
-first) by 0.19 s, the subscriber connection by 0.24 s, the publisher's (data channels) by
-0.42 s, then the client's renegotiation to add the camera at 0.63 s (the server answers in
-7 ms), its first RTP packet at 0.79 s.
+Both paths carry 1280x704 the whole run: the LiveKit publisher (OpenH264) sends its camera
+at the model's size from its first frame, at about 2 Mb/s. It did not before the server
+asked it to start at 1700 kb/s (livekit/sdp.py `hint_bitrate`): on aiortc's REMB alone,
+without the transport-cc feedback it offers, it started at a 250 kb/s target and 640x352,
+reached 960x528 after about 16 s and never 1280x704 within a run (that earlier run: p50
+ratio 0.52, ttff ratio 3.58). Its lower p50 is the client's side: libwebrtc releases a
+frame once it is complete; the direct client's stock aiortc waits for the next frame's
+first packet. Most of the LiveKit ttff is signalling; in one debug run (first frame at
+0.95 s): `livekit_join` and LiveKit's join (after a 404 on `/rtc/v1`, which livekit 1.2.1
+tries first) by 0.19 s, the subscriber connection by 0.24 s, the publisher's (data
+channels) by 0.42 s, then the client's renegotiation to add the camera at 0.63 s (the
+server answers in 7 ms), its first RTP packet at 0.79 s.
 """
 
 from __future__ import annotations
