@@ -47,6 +47,7 @@ from ..sessions import Session
 from ..sessions.session import Viewer, new_peer_connection
 from .limits import CLUSTER_UNAVAILABLE
 from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
+from .rest import error
 from .rooms import RoomIds, livekit_url
 from .state import AppState
 
@@ -88,27 +89,34 @@ def _token(conn: HTTPConnection) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-def _admit(state: AppState, token: str | None) -> tuple[Grant, Session] | tuple[int, str]:
-    """The grant and the session a token admits to, or the HTTP status and text that
-    refuse it: 401 for a token this node did not mint or that expired, 404 for a room
-    whose session has ended."""
+class JoinRefused(Exception):
+    """A room join refused, with the HTTP status and text the upgrade is answered with."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.response = PlainTextResponse(text, status_code=status)
+
+
+def _admit(state: AppState, token: str | None) -> tuple[Grant, Session]:
+    """The grant and the session a token admits to; `JoinRefused` with 401 for a token this
+    node did not mint or that expired, 404 for a room whose session has ended."""
     try:
         grant = state.rooms.tokens.verify(token)
     except TokenError as exc:
-        return 401, str(exc)
+        raise JoinRefused(401, str(exc)) from None
     session = state.sessions.get(grant.room)
     if session is None or session.ended.is_set():
-        return 404, NO_ROOM
+        raise JoinRefused(404, NO_ROOM)
     return grant, session
 
 
 @router.get("/rtc/validate", include_in_schema=False)
 async def validate(request: Request) -> PlainTextResponse:
     """What LiveKit's clients ask after a failed join, to tell the person why."""
-    admitted = _admit(request.app.state.livemorph, _token(request))
-    if isinstance(admitted[0], int):
-        status, text = admitted
-        return PlainTextResponse(str(text), status_code=int(status))
+    try:
+        _admit(request.app.state.livemorph, _token(request))
+    except JoinRefused as refused:
+        return refused.response
     return PlainTextResponse("success")
 
 
@@ -136,14 +144,14 @@ async def watch_stream(room: str, request: Request) -> Any:
     key = request.headers.get("x-api-key")
     if await state.store.authenticate(key) is None:
         state.metrics.refused(INVALID_KEY_REASON)
-        return JSONResponse({"error": "invalid api key"}, status_code=401)
+        return error(401, "invalid api key")
     session = state.sessions.get(room)
     if session is None or session.ended.is_set():
         if state.cluster is not None and key is not None:
             forwarded = await _watch_elsewhere(state, room, key)
             if forwarded is not None:
                 return forwarded
-        return JSONResponse({"error": f"invalid session: {NO_ROOM}"}, status_code=404)
+        return error(404, f"invalid session: {NO_ROOM}")
     token = state.rooms.viewer_token(session.id, secrets.token_hex(6))
     url = livekit_url(request, state.settings)
     return WatchStream(livekit_url=url, token=token, room_name=session.id, session_id=session.id)
@@ -157,7 +165,7 @@ async def _watch_elsewhere(state: AppState, room: str, key: str) -> JSONResponse
         node = await state.cluster.directory.locate(room)
     except ClusterUnavailable as exc:
         logger.warning("cannot find room %s: %s", room, exc)
-        return JSONResponse({"error": CLUSTER_UNAVAILABLE}, status_code=503)
+        return error(503, CLUSTER_UNAVAILABLE)
     if node is None or node.name == state.cluster.name:
         return None
     async with httpx.AsyncClient(timeout=5) as client:
@@ -167,7 +175,7 @@ async def _watch_elsewhere(state: AppState, room: str, key: str) -> JSONResponse
             )
         except httpx.HTTPError as exc:
             logger.warning("cluster: node %s did not answer watch-stream: %r", node.name, exc)
-            return JSONResponse({"error": CLUSTER_UNAVAILABLE}, status_code=503)
+            return error(503, CLUSTER_UNAVAILABLE)
     return JSONResponse(reply.json(), status_code=reply.status_code)
 
 
@@ -186,21 +194,41 @@ async def single_pc(ws: WebSocket) -> None:
 @router.websocket("/rtc")
 async def join(ws: WebSocket) -> None:
     state = _state(ws)
-    admitted = _admit(state, _token(ws))
-    if isinstance(admitted[0], int):
-        status, text = admitted
-        logger.info("refused a room join: %s", text)
-        await ws.send_denial_response(PlainTextResponse(str(text), status_code=int(status)))
+    try:
+        grant, session = _admit(state, _token(ws))
+    except JoinRefused as refused:
+        logger.info("refused a room join: %s", refused)
+        await ws.send_denial_response(refused.response)
         return
-    grant, session = admitted
     await ws.accept()
-    participant = Participant(ws, state, session, grant)
     if ws.query_params.get("reconnect") == "1":
         # A resume of a connection this server no longer holds: ask for a full rejoin.
-        await participant.leave(rtc.LeaveRequest.Action.RECONNECT, models.STATE_MISMATCH)
-        await participant.close()
+        await _send(ws, leave=_leave(rtc.LeaveRequest.Action.RECONNECT, models.STATE_MISMATCH))
+        await _close(ws)
         return
-    await participant.run()
+    await Participant(ws, state, session, grant).run()
+
+
+async def _send(ws: WebSocket, **message: object) -> None:
+    """Send one signal response; nothing once the client has gone."""
+    if ws.application_state is not WebSocketState.CONNECTED:
+        return
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await ws.send_bytes(respond(**message))
+
+
+async def _close(ws: WebSocket, code: int = 1000) -> None:
+    if ws.application_state is WebSocketState.CONNECTED:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await ws.close(code)
+
+
+def _leave(action: int, reason: int) -> rtc.LeaveRequest:
+    return rtc.LeaveRequest(
+        can_reconnect=action == rtc.LeaveRequest.Action.RECONNECT,
+        reason=reason,  # type: ignore[arg-type]
+        action=action,  # type: ignore[arg-type]
+    )
 
 
 class Participant:
@@ -482,13 +510,7 @@ class Participant:
         self._gone.set()
 
     async def leave(self, action: int, reason: int) -> None:
-        await self._send(
-            leave=rtc.LeaveRequest(
-                can_reconnect=action == rtc.LeaveRequest.Action.RECONNECT,
-                reason=reason,  # type: ignore[arg-type]
-                action=action,  # type: ignore[arg-type]
-            )
-        )
+        await self._send(leave=_leave(action, reason))
 
     async def close(self) -> None:
         await self.output.close()
@@ -501,15 +523,10 @@ class Participant:
         await self._close()
 
     async def _close(self, code: int = 1000) -> None:
-        if self.ws.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                await self.ws.close(code)
+        await _close(self.ws, code)
 
     async def _send(self, **message: object) -> None:
-        if self.ws.application_state is not WebSocketState.CONNECTED:
-            return
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await self.ws.send_bytes(respond(**message))
+        await _send(self.ws, **message)
 
 
 #: What a publisher's camera is asked to start at and stay above (livekit/sdp.py, "Bitrate"):

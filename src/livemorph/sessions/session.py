@@ -470,11 +470,7 @@ class Viewer:
             raise
 
     async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> str:
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc is self.pc and pc.connectionState in ("failed", "closed"):
-                await self.close()
-
+        self._watch(pc)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if not pc.getTransceivers():
             raise ValueError("the offer has no audio or video")
@@ -489,6 +485,14 @@ class Viewer:
         use_realtime_encoder(pc, self.session.video_encoder)
         return pc.localDescription.sdp
 
+    def _watch(self, pc: RTCPeerConnection) -> None:
+        """Let the viewer go when its connection fails or closes."""
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc is self.pc and pc.connectionState in ("failed", "closed"):
+                await self.close()
+
     async def offer(self) -> str:
         """The server's offer of the session's output, for a client that answers (LiveKit's
         subscriber connection): the video, in VP8 from the session's shared encoder, and
@@ -496,12 +500,7 @@ class Viewer:
         if self.pc is not None:
             raise ValueError("this viewer already has a peer connection")
         pc = self.pc = new_peer_connection()
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc is self.pc and pc.connectionState in ("failed", "closed"):
-                await self.close()
-
+        self._watch(pc)
         sources = {"video": self.session.pipeline.track, "audio": self.session.audio}
         for kind, source in sources.items():
             if source is None:
