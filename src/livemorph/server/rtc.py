@@ -42,6 +42,7 @@ from starlette.websockets import WebSocketState
 from ..cluster import ClusterUnavailable
 from ..livekit import Grant, SignalError, TokenError, new_sid, parse_request, respond
 from ..livekit.sdp import hint_bitrate, keep_best_layer, label_tracks
+from ..logs import bind_session, unbind_session
 from ..protocol import Candidate
 from ..sessions import Session
 from ..sessions.session import Viewer, new_peer_connection
@@ -206,7 +207,12 @@ async def join(ws: WebSocket) -> None:
         await _send(ws, leave=_leave(rtc.LeaveRequest.Action.RECONNECT, models.STATE_MISMATCH))
         await _close(ws)
         return
-    await Participant(ws, state, session, grant).run()
+    # what this participant's task logs carries the session's fields (--log-format json)
+    binding = bind_session(session.id, session.principal.key_id, session.spec.name)
+    try:
+        await Participant(ws, state, session, grant).run()
+    finally:
+        unbind_session(binding)
 
 
 async def _send(ws: WebSocket, **message: object) -> None:
