@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData()
@@ -76,3 +77,37 @@ usage_sessions = Table(
 )
 
 Index("ix_usage_sessions_key_started", usage_sessions.c.key_id, usage_sessions.c.started_at)
+
+# Batch jobs: one row per job, its input and output files in the jobs directory (paths
+# relative to it). Nodes claim pending jobs from here (storage/jobs.py) and hold them by a
+# lease they renew; a job whose lease ran out is its dead node's, and goes back to pending.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("model", String(64), nullable=False),
+    # pending | processing | completed | failed
+    Column("status", String(16), nullable=False),
+    Column("params", JSON, nullable=True),
+    Column("input_path", String(1024), nullable=False),
+    Column("input_bytes", BigInteger, nullable=False),
+    Column("output_path", String(1024), nullable=True),
+    Column("output_bytes", BigInteger, nullable=True),
+    Column("error", Text, nullable=True),
+    # How many times a node has started it.
+    Column("attempts", Integer, nullable=False),
+    Column("claimed_by", String(200), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    # Seconds taken off the key's credits when it completed; NULL until then, so never twice.
+    Column("charged_seconds", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    # When its files and row are deleted: set when it finishes, by the retention setting.
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+)
+
+Index("ix_jobs_status_created", jobs.c.status, jobs.c.created_at)
+Index("ix_jobs_key_created", jobs.c.key_id, jobs.c.created_at)
+Index("ix_jobs_expires_at", jobs.c.expires_at)
