@@ -143,6 +143,18 @@ CATALOG: dict[str, ModelSpec] = {
 }
 
 
+#: The image-edit models of decart==0.2.4 and @decartai/sdk@0.1.20 (`POST /v1/generate/
+#: {model}`: one picture in, the edited picture out; `lucy-pro-i2i` is their deprecated name)
+#: and, for each, the realtime model whose engine edits here: a still picture goes through
+#: that model's engine as a one-frame session would. They are not realtime models, so they
+#: are not in `CATALOG` (nor `GET /v1/models`); `server/generate.py` serves them.
+IMAGE_MODELS: dict[str, str] = {
+    "lucy-image-2": "lucy-restyle-2",
+    "lucy-image-latest": "lucy-restyle-2",
+    "lucy-pro-i2i": "lucy-restyle-2",
+}
+
+
 class UnknownModelError(LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"model not found: {name!r}")
