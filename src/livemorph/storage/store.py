@@ -354,23 +354,12 @@ class Store:
             return await self.credits_left(key_id)
         now = at or self.clock()
         async with self._engine.begin() as conn:
-            await conn.run_sync(_add_daily, key_id, now.date(), model, seconds)
             await conn.execute(
                 update(usage_sessions)
                 .where(usage_sessions.c.id == session_id)
                 .values(seconds=usage_sessions.c.seconds + seconds, updated_at=now)
             )
-            await conn.execute(
-                update(api_keys)
-                .where(and_(api_keys.c.id == key_id, api_keys.c.credit_seconds.is_not(None)))
-                .values(
-                    credit_seconds=case(
-                        (api_keys.c.credit_seconds > seconds, api_keys.c.credit_seconds - seconds),
-                        else_=0,
-                    )
-                )
-            )
-            return await _credits(conn, key_id)
+            return await charge(conn, key_id, model, seconds, now)
 
     async def end_session_usage(
         self, session_id: str, reason: str, at: datetime | None = None
@@ -496,6 +485,25 @@ async def _credits(conn: AsyncConnection, key_id: str) -> int | None:
         await conn.execute(select(api_keys.c.credit_seconds).where(api_keys.c.id == key_id))
     ).scalar()
     return None if value is None else int(value)
+
+
+async def charge(
+    conn: AsyncConnection, key_id: str, model: str, seconds: int, now: datetime
+) -> int | None:
+    """Count `seconds` of generation for the key's day and model and take them off its
+    credits (never below zero), inside the caller's transaction; the credits left."""
+    await conn.run_sync(_add_daily, key_id, now.date(), model, seconds)
+    await conn.execute(
+        update(api_keys)
+        .where(and_(api_keys.c.id == key_id, api_keys.c.credit_seconds.is_not(None)))
+        .values(
+            credit_seconds=case(
+                (api_keys.c.credit_seconds > seconds, api_keys.c.credit_seconds - seconds),
+                else_=0,
+            )
+        )
+    )
+    return await _credits(conn, key_id)
 
 
 def _add_daily(conn: Connection, key_id: str, day: date, model: str, seconds: int) -> None:
