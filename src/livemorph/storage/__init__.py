@@ -1,5 +1,8 @@
-"""Durable state: API keys, client tokens, credits and usage (SQLite or PostgreSQL)."""
+"""Durable state: API keys, client tokens, credits, usage and batch jobs (SQLite or
+PostgreSQL), and the jobs' files."""
 
+from .job_files import DiskBudgetExceeded, JobFiles
+from .jobs import Job, JobStatus, JobStore
 from .store import (
     AmbiguousKey,
     ApiKey,
@@ -16,6 +19,11 @@ __all__ = [
     "AmbiguousKey",
     "ApiKey",
     "ClientToken",
+    "DiskBudgetExceeded",
+    "Job",
+    "JobFiles",
+    "JobStatus",
+    "JobStore",
     "KeyNotFound",
     "Principal",
     "SessionUsage",
