@@ -18,6 +18,8 @@ Scenarios (`--scenario`):
             error the client raises
   queue     two clients on a node with room for one: the second waits in the queue and
             is admitted when the first disconnects
+  process   an image edit through `client.process` (`--image`, `--process-model`), and
+            the same with the refused prompt: the error the client raises
 
 `--pause-at NAME` (repeatable) stops at that checkpoint, after its event, until a line
 arrives on stdin: the test looks at the server meanwhile (its session count, say).
@@ -503,7 +505,39 @@ async def queue(s: Scenario) -> None:
         await rt.disconnect()
 
 
-SCENARIOS = {"session": session, "refused": refused, "queue": queue}
+async def process(s: Scenario) -> None:
+    """An image edit through `client.process`, as 0.2.4's README shows it: `--image` is the
+    picture (its file), `--process-model` the image model. The edited bytes land in
+    `edited.bin`; then the same call with the refused prompt, whose error is recorded."""
+    client = s.client()
+    if s.args.image is None:
+        raise SystemExit("--image is needed to edit an image")
+    model = models.image(s.args.process_model)
+    with step("processed") as info:
+        # a Path: the client reads it (aiofiles), as it would a file object
+        edited = await client.process(
+            {"model": model, "prompt": s.args.prompt, "data": s.args.image}
+        )
+        (s.out / "edited.bin").write_bytes(edited)
+        info.update(model=model.name, url_path=model.url_path, bytes=len(edited))
+        info["file"] = str(s.out / "edited.bin")
+    with step("process_refused", fatal=False) as info:
+        try:
+            await client.process(
+                {
+                    "model": model,
+                    "prompt": s.args.refused_prompt,
+                    "data": s.args.image.read_bytes(),
+                    "enhance_prompt": False,
+                }
+            )
+        except Exception as error:
+            info.update(raised=True, error=describe(error))
+        else:
+            info["raised"] = False
+
+
+SCENARIOS = {"session": session, "refused": refused, "queue": queue, "process": process}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -520,6 +554,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--photo", type=Path, help="the camera's picture: RGB .npy, model size")
     parser.add_argument("--image", type=Path, help="an image file for the initial state")
     parser.add_argument("--prompt", default="anime")
+    parser.add_argument("--process-model", default="lucy-image-2", help="for `process`")
     parser.add_argument("--new-prompt", default="cyberpunk neon city")
     parser.add_argument("--refused-prompt", default="cyberpunk neon city, p0rn")
     parser.add_argument("--tick-timeout", type=float, default=5.0)
