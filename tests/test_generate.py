@@ -221,3 +221,30 @@ async def test_credits_are_charged_per_image_and_refused_at_zero(tmp_path) -> No
         refused = await post()
         assert refused.status_code == 402
         assert "insufficient credits" in refused.json()["error"]
+
+
+async def test_an_edit_over_its_time_is_answered_504_and_the_server_goes_on(
+    tmp_path, monkeypatch
+) -> None:
+    from livemorph.config import Settings
+    from livemorph.server import generate
+    from tests.inprocess import serve_in_process
+
+    monkeypatch.setattr(generate, "EDIT_TIMEOUT", 0.5)
+    png = encode(photo(64, 48))
+    settings = Settings(data_dir=tmp_path, engine="sleep:400")  # three frames: 1.2 s
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=30) as client:
+
+        async def post() -> httpx.Response:
+            return await client.post(
+                f"{server.base_url}/v1/generate/lucy-image-2",
+                headers={"X-API-KEY": server.api_key},
+                files={"data": ("in.png", png)},
+                data={"prompt": "anime"},
+            )
+
+        late = await post()
+        assert late.status_code == 504, late.text
+        assert late.json()["error"].startswith("timed out: the edit took over 0.5 s")
+        monkeypatch.setattr(generate, "EDIT_TIMEOUT", 30.0)
+        assert (await post()).status_code == 200

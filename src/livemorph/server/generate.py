@@ -296,10 +296,8 @@ async def generate(request: Request, model: str) -> Response:
         edited = await asyncio.wait_for(asyncio.shield(task), EDIT_TIMEOUT)
     except TimeoutError:
         late.set()  # the task ends after the engine call under way, and closes the session
-        logger.warning("image edit %s: over %.0f s, given up", session.id, EDIT_TIMEOUT)
-        return error(
-            504, f"timed out: the edit took over {EDIT_TIMEOUT:.0f} s, try a smaller image"
-        )
+        logger.warning("image edit %s: over %g s, given up", session.id, EDIT_TIMEOUT)
+        return error(504, f"timed out: the edit took over {EDIT_TIMEOUT:g} s, try a smaller image")
     except InputRefused as exc:
         return error(400 if isinstance(exc, ModerationRefused) else 422, str(exc))
     assert edited is not None
