@@ -16,8 +16,8 @@ from livemorph import __version__, protocol
 from livemorph.errors import ErrorCode
 from livemorph.protocol import (
     CLIENT_MESSAGES,
-    LIVEKIT_MESSAGES,
     IMAGE_TOO_LARGE,
+    LIVEKIT_MESSAGES,
     MAX_IMAGE_BYTES,
     SERVER_MESSAGES,
     VIEWER_MESSAGES,
