@@ -194,6 +194,15 @@ def test_keys_models_and_tokens(http, server, astronaut) -> None:
     unrestricted = http.post("/v1/client/tokens", headers={"X-API-KEY": server.api_key})
     response = edit(http, unrestricted.json()["apiKey"], prompt="anime", data=png)
     assert response.status_code == 200, response.text
+    # a token may be limited to the image models themselves
+    images_only = http.post(
+        "/v1/client/tokens",
+        headers={"X-API-KEY": server.api_key},
+        json={"allowedModels": ["lucy-image-2"]},
+    )
+    assert images_only.status_code == 200, images_only.text
+    response = edit(http, images_only.json()["apiKey"], prompt="anime", data=png)
+    assert response.status_code == 200, response.text
     still_serves(http, server, astronaut)
 
 

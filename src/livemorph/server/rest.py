@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..cluster import ClusterUnavailable
-from ..models import CATALOG
+from ..models import CATALOG, IMAGE_MODELS
 from ..storage import ClientToken
 from .limits import retry_after
 from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
@@ -174,7 +174,8 @@ async def create_client_token(
         body = TokenRequest.model_validate(json.loads(raw) if raw.strip() else {})
     except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
         return error(400, f"invalid request body: {_describe(exc)}")
-    unknown = [m for m in body.allowedModels or [] if m not in CATALOG]
+    # realtime models and the image models of /v1/generate: a token may be limited to either
+    unknown = [m for m in body.allowedModels or [] if m not in CATALOG and m not in IMAGE_MODELS]
     if unknown:
         return error(400, f"invalid request body: unknown models {unknown}")
     constraints = body.constraints.model_dump(exclude_none=True) if body.constraints else None
