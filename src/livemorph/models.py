@@ -155,6 +155,29 @@ IMAGE_MODELS: dict[str, str] = {
 }
 
 
+#: The video models of decart==0.2.4's queue (`POST /v1/jobs/{model}`: a video file in, the
+#: restyled video out, later) and, for each, the realtime model whose engine runs the job the
+#: way `livemorph transform` runs one over a file (`server/jobs.py`; `lucy-restyle-v2v` is the
+#: clients' deprecated name).
+VIDEO_MODELS: dict[str, str] = {
+    **{
+        name: name
+        for name in (
+            "lucy-2.1",
+            "lucy-2.5",
+            "lucy-2.6",
+            "lucy-vton-3.5",
+            "lucy-vton-3.6",
+            "lucy-restyle-2",
+            "lucy-latest",
+            "lucy-vton-latest",
+            "lucy-restyle-latest",
+        )
+    },
+    "lucy-restyle-v2v": "lucy-restyle-2",
+}
+
+
 class UnknownModelError(LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"model not found: {name!r}")

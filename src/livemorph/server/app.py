@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._version import __version__
 from ..config import Settings, cors_origins
 from ..storage.store import WallClock, utcnow
-from . import admin, generate, metrics, rest, rtc, stream, web
+from . import admin, generate, jobs, metrics, rest, rtc, stream, web
 from .limits import Clock
 from .state import AppState
 
@@ -111,6 +111,7 @@ def create_app(
     app.include_router(stream.router)
     app.include_router(rtc.router)
     app.include_router(generate.router)
+    app.include_router(jobs.router)
     if state.settings.metrics:
         app.include_router(metrics.router)
     web.install(app, state)

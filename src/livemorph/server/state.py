@@ -19,6 +19,7 @@ from ..storage.store import WallClock, utcnow
 from .capacity import Capacity, CapacityMetrics
 from .cluster import ClusterMember, member_from_settings, node_name
 from .housekeeping import IdleTidy
+from .job_worker import JobWorker
 from .limits import Clock, Limits
 from .metrics import Metrics
 from .queue import AdmissionQueue
@@ -47,6 +48,8 @@ class AppState:
     #: LiveKit clients waiting for room on a full node (server/queue.py).
     queue: AdmissionQueue = field(default_factory=lambda: AdmissionQueue(0, 0.0))
     _sampler: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    #: Runs the batch video jobs (server/jobs.py); made and started by `open`.
+    job_worker: JobWorker | None = field(default=None, init=False, repr=False)
     #: Gives memory back once the node has no session (server/housekeeping.py).
     tidy: IdleTidy = field(init=False, repr=False)
 
@@ -106,8 +109,12 @@ class AppState:
             )
         if self.cluster is not None:
             await self.cluster.start()
+        self.job_worker = JobWorker(self)
+        self.job_worker.start()
 
     async def close(self) -> None:
+        if self.job_worker is not None:
+            await self.job_worker.stop()
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

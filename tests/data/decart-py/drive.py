@@ -20,6 +20,8 @@ Scenarios (`--scenario`):
             is admitted when the first disconnects
   process   an image edit through `client.process` (`--image`, `--process-model`), and
             the same with the refused prompt: the error the client raises
+  jobs      a video job through `client.queue.submit_and_poll` (`--video`, `--job-model`),
+            and a submission of bytes that are no video: the error the client raises
 
 `--pause-at NAME` (repeatable) stops at that checkpoint, after its event, until a line
 arrives on stdin: the test looks at the server meanwhile (its session count, say).
@@ -537,7 +539,47 @@ async def process(s: Scenario) -> None:
             info["raised"] = False
 
 
-SCENARIOS = {"session": session, "refused": refused, "queue": queue, "process": process}
+async def jobs(s: Scenario) -> None:
+    """A video job through `client.queue.submit_and_poll`: `--video` is the clip (its
+    file), `--job-model` the video model. The output lands in `job.mp4`; then a submission
+    of bytes that are no video, whose error is recorded."""
+    client = s.client()
+    if s.args.video is None:
+        raise SystemExit("--video is needed for a job")
+    model = models.video(s.args.job_model)
+    with step("job_finished") as info:
+        statuses: list[str] = []
+        result = await client.queue.submit_and_poll(
+            {
+                "model": model,
+                "prompt": s.args.prompt,
+                "data": s.args.video,
+                "on_status_change": lambda job: statuses.append(job.status),
+            }
+        )
+        info.update(model=model.name, url_path=model.url_path, status=result.status)
+        info["statuses"] = statuses
+        if result.status == "completed":
+            (s.out / "job.mp4").write_bytes(result.data)
+            info["file"] = str(s.out / "job.mp4")
+    with step("job_refused", fatal=False) as info:
+        try:
+            await client.queue.submit(
+                {"model": model, "prompt": s.args.prompt, "data": b"no video at all" * 100}
+            )
+        except Exception as error:
+            info.update(raised=True, error=describe(error))
+        else:
+            info["raised"] = False
+
+
+SCENARIOS = {
+    "session": session,
+    "refused": refused,
+    "queue": queue,
+    "process": process,
+    "jobs": jobs,
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -555,6 +597,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image", type=Path, help="an image file for the initial state")
     parser.add_argument("--prompt", default="anime")
     parser.add_argument("--process-model", default="lucy-image-2", help="for `process`")
+    parser.add_argument("--video", type=Path, help="a video file, for `jobs`")
+    parser.add_argument("--job-model", default="lucy-restyle-2", help="for `jobs`")
     parser.add_argument("--new-prompt", default="cyberpunk neon city")
     parser.add_argument("--refused-prompt", default="cyberpunk neon city, p0rn")
     parser.add_argument("--tick-timeout", type=float, default=5.0)
