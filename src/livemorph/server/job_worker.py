@@ -81,8 +81,10 @@ class JobWorker:
                 job = None
             if job is None:
                 self._wake.clear()
+                # in this task (asyncio.wait_for would start one per poll)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    async with asyncio.timeout(POLL_SECONDS):
+                        await self._wake.wait()
                 continue
             await self._process(job)
 
