@@ -32,15 +32,12 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from ..engines.registry import ModelNotAvailable
 from ..media.frames import image_to_rgb
-from ..models import IMAGE_MODELS, UnknownModelError
+from ..models import IMAGE_MODELS
 from ..policy import Policy
 from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES, check_prompt
-from ..sessions.metering import INSUFFICIENT_CREDITS
 from ..sessions.session import InputRefused, ModerationRefused, Session, new_session_id
-from .metrics import INVALID_KEY_REASON
-from .rest import error
+from .rest import batch_caller, error
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -233,22 +230,10 @@ async def generate(request: Request, model: str) -> Response:
     """Edit an image: multipart `data` (PNG, JPEG or WebP) and `prompt`, optional
     `reference_image` and `enhance_prompt`; answered with the edited image."""
     state = _state(request)
-    principal = await state.store.authenticate(request.headers.get("x-api-key"))
-    if principal is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
-    target = IMAGE_MODELS.get(model)
-    if target is None:
-        known = ", ".join(IMAGE_MODELS)
-        return error(404, f"model not found: {model!r} is not allowed; image models: {known}")
-    if not principal.may_use(model):
-        return error(403, f"permission denied: this token may not use model {model}")
-    try:
-        spec, engine = state.engines.resolve(target)
-    except (UnknownModelError, ModelNotAvailable):
-        return error(404, f"model not available on this server: {model} is not allowed here")
-    if not await state.meter.admits(principal):
-        return error(402, INSUFFICIENT_CREDITS)
+    admitted = await batch_caller(request, model, IMAGE_MODELS, "image")
+    if isinstance(admitted, Response):
+        return admitted
+    principal, spec, engine = admitted
     try:
         form = await _form(request)
         data = await _image(form, "data")

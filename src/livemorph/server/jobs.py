@@ -19,16 +19,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
-from ..engines.registry import ModelNotAvailable
-from ..models import VIDEO_MODELS, UnknownModelError
+from ..models import VIDEO_MODELS
 from ..protocol import MAX_IMAGE_BYTES, check_prompt
-from ..sessions.metering import INSUFFICIENT_CREDITS
 from ..storage import DiskBudgetExceeded
 from ..storage.jobs import COMPLETED, FAILED, new_job_id
 from ..transform import Source, TransformError
 from .job_worker import JobWorker
-from .metrics import INVALID_KEY_REASON
-from .rest import error
+from .rest import batch_caller, caller, error
 from .state import AppState
 
 router = APIRouter()
@@ -108,23 +105,11 @@ async def _save(worker: JobWorker, job_id: str, name: str, upload: UploadFile, l
 async def submit(request: Request, model: str) -> Response:
     """Submit a video job: multipart `data` (the video) and `prompt`, optionally
     `reference_image` and `enhance_prompt`; answered with the job's id and status."""
-    state, worker = _worker(request)
-    principal = await state.store.authenticate(request.headers.get("x-api-key"))
-    if principal is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
-    target = VIDEO_MODELS.get(model)
-    if target is None:
-        known = ", ".join(VIDEO_MODELS)
-        return error(404, f"model not found: {model!r} is not allowed; video models: {known}")
-    if not principal.may_use(model):
-        return error(403, f"permission denied: this token may not use model {model}")
-    try:
-        state.engines.resolve(target)
-    except (UnknownModelError, ModelNotAvailable):
-        return error(404, f"model not available on this server: {model} is not allowed here")
-    if not await state.meter.admits(principal):
-        return error(402, INSUFFICIENT_CREDITS)
+    _, worker = _worker(request)
+    admitted = await batch_caller(request, model, VIDEO_MODELS, "video")
+    if isinstance(admitted, Response):
+        return admitted
+    principal = admitted[0]
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_VIDEO_BYTES + MAX_IMAGE_BYTES + (1 << 20):
         return error(413, f"file too large: data may be at most {MAX_VIDEO_BYTES >> 20} MB")
@@ -201,10 +186,9 @@ def _not_found(job_id: str) -> Response:
 async def status(request: Request, job_id: str) -> Response:
     """The job's status: pending, processing, completed or failed (with `error`)."""
     state, worker = _worker(request)
-    principal = await state.store.authenticate(request.headers.get("x-api-key"))
-    if principal is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
+    principal = await caller(state, request.headers.get("x-api-key"))
+    if isinstance(principal, Response):
+        return principal
     job = await worker.jobs.get_job(job_id, principal.key_id)
     if job is None:
         return _not_found(job_id)
@@ -218,10 +202,9 @@ async def status(request: Request, job_id: str) -> Response:
 async def content(request: Request, job_id: str) -> Response:
     """The finished job's video (MP4); 409 while it is not completed."""
     state, worker = _worker(request)
-    principal = await state.store.authenticate(request.headers.get("x-api-key"))
-    if principal is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
+    principal = await caller(state, request.headers.get("x-api-key"))
+    if isinstance(principal, Response):
+        return principal
     job = await worker.jobs.get_job(job_id, principal.key_id)
     if job is None:
         return _not_found(job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -10,8 +11,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..cluster import ClusterUnavailable
-from ..models import CATALOG, IMAGE_MODELS
-from ..storage import ClientToken
+from ..engines import Engine, ModelNotAvailable
+from ..models import CATALOG, IMAGE_MODELS, ModelSpec, UnknownModelError
+from ..sessions.metering import INSUFFICIENT_CREDITS
+from ..storage import ClientToken, Principal
 from .limits import retry_after
 from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
 from .state import AppState
@@ -88,6 +91,42 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+async def caller(state: AppState, key: str | None) -> Principal | JSONResponse:
+    """Who holds `key` (`X-API-KEY`): a key or client token; else the 401 to answer with,
+    counted as a refusal."""
+    principal = await state.store.authenticate(key)
+    if principal is None:
+        state.metrics.refused(INVALID_KEY_REASON)
+        return error(401, "invalid api key")
+    return principal
+
+
+async def batch_caller(
+    request: Request, model: str, served: Mapping[str, str], kind: str
+) -> tuple[Principal, ModelSpec, Engine] | JSONResponse:
+    """The caller of a batch endpoint (`/v1/generate`, `/v1/jobs`) for `model`, one of
+    `served` (each named for the realtime model whose engine serves it), with that model's
+    spec and engine; else the refusal to answer with: the key (401), the model (404), the
+    token's models (403), the engine (404), the credits (402)."""
+    state = _state(request)
+    principal = await caller(state, request.headers.get("x-api-key"))
+    if isinstance(principal, JSONResponse):
+        return principal
+    target = served.get(model)
+    if target is None:
+        known = ", ".join(served)
+        return error(404, f"model not found: {model!r} is not allowed; {kind} models: {known}")
+    if not principal.may_use(model):
+        return error(403, f"permission denied: this token may not use model {model}")
+    try:
+        spec, engine = state.engines.resolve(target)
+    except (UnknownModelError, ModelNotAvailable):
+        return error(404, f"model not available on this server: {model} is not allowed here")
+    if not await state.meter.admits(principal):
+        return error(402, INSUFFICIENT_CREDITS)
+    return principal, spec, engine
+
+
 def token_body(secret: str, token: ClientToken, models: list[str] | None) -> dict[str, Any]:
     """The JSON answer for a newly minted client token; `models`: its permitted models."""
     return TokenResponse(
@@ -154,10 +193,9 @@ async def create_client_token(
 ) -> Any:
     """Mint a short-lived client token from a permanent key, for use in a browser."""
     state = _state(request)
-    principal = await state.store.authenticate(x_api_key)
-    if principal is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
+    principal = await caller(state, x_api_key)
+    if isinstance(principal, JSONResponse):
+        return principal
     if principal.is_client_token:
         return error(403, "permission denied: a client token cannot mint tokens")
     try:

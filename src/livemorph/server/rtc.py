@@ -47,8 +47,8 @@ from ..protocol import Candidate
 from ..sessions import Session
 from ..sessions.session import Viewer, new_peer_connection
 from .limits import CLUSTER_UNAVAILABLE
-from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
-from .rest import error
+from .metrics import RATE_LIMIT_REASON
+from .rest import caller, error
 from .rooms import RoomIds, livekit_url
 from .state import AppState
 
@@ -143,9 +143,8 @@ async def watch_stream(room: str, request: Request) -> Any:
     answers, through this one."""
     state: AppState = request.app.state.livemorph
     key = request.headers.get("x-api-key")
-    if await state.store.authenticate(key) is None:
-        state.metrics.refused(INVALID_KEY_REASON)
-        return error(401, "invalid api key")
+    if isinstance(refused := await caller(state, key), JSONResponse):
+        return refused
     session = state.sessions.get(room)
     if session is None or session.ended.is_set():
         if state.cluster is not None and key is not None:
