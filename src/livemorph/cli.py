@@ -22,6 +22,7 @@ DEV_KEY_NAME = "development"
 #: The serve settings `transform` takes too: the engine, and how prompts are read.
 TRANSFORM_SETTINGS = (
     "engine",
+    "model_engines",
     "text_model",
     "moderation_blocklist",
     "moderation_url",

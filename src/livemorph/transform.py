@@ -532,17 +532,20 @@ class Result:
 
 
 def _registry(settings: Settings, model: str) -> EngineRegistry:
-    """The registry a server with these settings would have, but for one thing: in a
-    session the neural engine's network size follows the machine's spare CPU (scaler.py),
-    and a transform keeps the CPU busy on purpose, which would drive it down to the
-    smallest size and change the look mid-clip. Unless a size is given, the neural engine
-    keeps the size a session starts at."""
+    """The registry a server with these settings would have (`--engine`, `--model-engines`
+    and the defaults), but for one thing: in a session the neural engine's network size
+    follows the machine's spare CPU (scaler.py), and a transform keeps the CPU busy on
+    purpose, which would drive it down to the smallest size and change the look mid-clip.
+    Unless a size is given, the neural engine keeps the size a session starts at."""
     from .engines.neural.scaler import LADDER, START
-    from .engines.registry import DEFAULT_ENGINES
+    from .engines.registry import parse_model_engines
+    from .models import UnknownModelError
 
-    engine = settings.engine
-    if engine is None and DEFAULT_ENGINES.get(model) == "neural":
-        engine = "neural"
+    try:
+        chosen = EngineRegistry(settings.engine, parse_model_engines(settings.model_engines))
+        engine = chosen.engine_spec(model)
+    except (ValueError, UnknownModelError) as exc:
+        raise TransformError(str(exc)) from None
     name, _, options = (engine or "").partition(":")
     if name == "neural" and "size=" not in options:
         width, height = LADDER[START]

@@ -141,10 +141,12 @@ class EngineRegistry:
     def engine_name(self, model: str) -> str | None:
         """The engine serving `model` here, as clients may see it: its name without its
         arguments (which may hold the server's paths: `diffusion:model=DIR`)."""
-        spec = self._engine_spec(model)
+        spec = self.engine_spec(model)
         return None if spec is None else spec.partition(":")[0]
 
-    def _engine_spec(self, model: str) -> str | None:
+    def engine_spec(self, model: str) -> str | None:
+        """The engine spec serving `model` here, arguments and all (for the server's own use:
+        they may hold its paths); None when no engine serves it."""
         if model not in CATALOG:
             raise UnknownModelError(model)
         target = CATALOG[model].alias_of or model
@@ -161,7 +163,7 @@ class EngineRegistry:
 
     def resolve(self, model: str) -> tuple[ModelSpec, Engine]:
         """The model's spec and its loaded engine; raises UnknownModelError/ModelNotAvailable."""
-        name = self._engine_spec(model)
+        name = self.engine_spec(model)
         if name is None:
             raise ModelNotAvailable(model)
         engine = self._loaded.get(name)
@@ -180,7 +182,7 @@ class EngineRegistry:
 
     def loaded(self, model: str) -> Engine | None:
         """The engine serving `model` if it is loaded already; never loads one."""
-        name = self._engine_spec(model)
+        name = self.engine_spec(model)
         return None if name is None else self._loaded.get(name)
 
     def preload(self) -> None:
@@ -189,7 +191,7 @@ class EngineRegistry:
         own message, instead of failing its first session. Defaults load on first use."""
         chosen = {*self._per_model.values(), *([self._override] if self._override else [])}
         for spec in sorted(chosen):
-            model = next((name for name in CATALOG if self._engine_spec(name) == spec), None)
+            model = next((name for name in CATALOG if self.engine_spec(name) == spec), None)
             if model is None:
                 continue
             try:
