@@ -32,6 +32,7 @@ OFF_WORDS = frozenset({"0", "false", "no", "off"})
 POLICY_GROUP = "moderation and prompt enhancement"
 LIMITS_GROUP = "limits (0 switches one off)"
 CLUSTER_GROUP = "cluster (several nodes as one service)"
+JOBS_GROUP = "batch jobs (POST /v1/jobs, /v1/generate)"
 
 #: Reads one setting from text: (the field's type, the text, the flag or variable it came
 #: from). Raises ValueError naming that flag or variable, so the user knows what to fix.
@@ -555,6 +556,66 @@ class Settings:
     max_message_bytes: int = field(
         default=MAX_MESSAGE_BYTES,
         metadata=limit("the largest WebSocket message; a larger one closes with 1009"),
+    )
+
+    # server/job_worker.py, storage/job_files.py: jobs' files, kept apart from the sessions'.
+    jobs_dir: Path | None = field(
+        default=None,
+        metadata=about(
+            "the folder for batch jobs' inputs and results; the nodes of a cluster must "
+            "share one (a network file system), since any node may run any job",
+            metavar="DIR",
+            group=JOBS_GROUP,
+            shown="jobs/ in the data folder",
+        ),
+    )
+    job_workers: int = field(
+        default=1,
+        metadata=about(
+            "batch jobs this node runs at once, on CPU its sessions leave; 0: none "
+            "(the node still takes submissions, and other nodes run them)",
+            parse=limit_value,
+            metavar="N",
+            group=JOBS_GROUP,
+        ),
+    )
+    job_retention: float = field(
+        default=24.0,
+        metadata=about(
+            "hours a finished job's result (or failure) is kept before it is deleted",
+            parse=limit_value,
+            metavar="HOURS",
+            group=JOBS_GROUP,
+        ),
+    )
+    jobs_disk_budget: int = field(
+        default=0,
+        metadata=about(
+            "megabytes all jobs' files may take; a submission past it is refused with 507; "
+            "0: only the disk's 1 GiB free-space margin",
+            parse=limit_value,
+            metavar="MB",
+            group=JOBS_GROUP,
+        ),
+    )
+    job_lease: float = field(
+        default=60.0,
+        metadata=about(
+            "seconds a node holds a running job between renewals; a node that dies leaves "
+            "its jobs to the others this long after its last renewal",
+            parse=limit_value,
+            metavar="S",
+            group=JOBS_GROUP,
+        ),
+    )
+    max_jobs_per_key: int = field(
+        default=8,
+        metadata=about(
+            "jobs of one key waiting or running at once; more are refused with 429; 0: no cap",
+            parse=limit_value,
+            metavar="N",
+            group=JOBS_GROUP,
+        ),
     )
 
     @property

@@ -1,57 +1,90 @@
-"""The node's batch-job worker: claims pending jobs and runs them as `livemorph transform`.
+"""The node's batch-job worker: claims pending jobs and runs each in a process of its own.
 
-`JOB_WORKERS` loops run at once. As it starts, the worker gives back the jobs this node
-held before it stopped (`JobStore.recover`); then each loop claims the oldest pending job,
-runs `transform.transform_local` over its input into the job's folder (the output written
-under a hidden name and renamed whole), renews the job's lease while it runs, and marks
-the job completed, charging the output's seconds, or failed with the reason. A job whose
-lease is lost (another node recovered it) is stopped and its result dropped.
+`--job-workers` loops run at once (0: this node runs none). As it starts, the worker gives
+back the jobs this node held before it stopped (`JobStore.recover`: on a node that shares
+its database with no other, every job left running). Then each loop, while the node has
+room for one more realtime session (below), claims the oldest pending job, runs it in a
+child process (job_process.py: `transform.transform_local` at the lowest CPU priority),
+renews the job's lease while it runs, and marks it completed, charging the output's
+seconds, or failed with the reason. A job whose lease is lost (another node recovered it)
+is killed and its result dropped; a node that stops gives its running jobs back.
+
+Realtime sessions come first, twice over: a job's process runs only on CPU the sessions
+leave (`SCHED_IDLE`), and a loop claims a job only while capacity admission
+(capacity.py) would still take a new `mirage` session here and `--max-sessions` is not
+reached, so a busy node leaves the queue to idle ones. A session is admitted whatever jobs
+run: they yield to it.
+
+A housekeeping loop, every quarter lease: recovers jobs whose node stopped renewing
+(a dead node's, cluster-wide), deletes finished jobs past `--job-retention` with their
+files, and refreshes `/metrics`' count of jobs by state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import io
+import json
 import logging
 import math
-from typing import TYPE_CHECKING
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..models import VIDEO_MODELS
+from ..config import options
+from ..models import CATALOG, VIDEO_MODELS
 from ..storage import Job, JobFiles, JobStore
-from ..transform import Job as TransformJob
-from ..transform import Progress, TimedPrompt, TransformError, transform_local
+from .job_process import BAD_INPUT, JobSpec, settings_env
 
 if TYPE_CHECKING:
     from .state import AppState
 
 logger = logging.getLogger(__name__)
 
-#: Jobs one node runs at once.
-JOB_WORKERS = 1
-#: How long a claimed job is the node's without a renewal.
-LEASE_SECONDS = 60.0
-#: How often a running job's lease is renewed.
-RENEW_EVERY = 15.0
+#: The shortest lease a node takes, whatever `--job-lease` says.
+MIN_LEASE = 5.0
 #: How long an idle loop waits before it looks for a job again (a submission wakes it).
 POLL_SECONDS = 2.0
 #: The output's name in the job's folder.
 OUTPUT_NAME = "output.mp4"
+#: The model whose admission decides whether a node has room for a job beside its sessions.
+ROOM_MODEL = "mirage"
+#: Lines of a job process's stderr kept for the log when it ends badly.
+STDERR_LINES = 20
 
 
 class JobWorker:
-    def __init__(self, state: AppState, workers: int = JOB_WORKERS) -> None:
+    def __init__(self, state: AppState) -> None:
+        settings = state.settings
         self.state = state
-        self.jobs = JobStore(state.store)
-        self.files = JobFiles.in_data_dir(state.settings.data_dir)
+        hours = settings.job_retention
+        self.jobs = JobStore(state.store, timedelta(hours=hours) if hours else None)
+        budget = settings.jobs_disk_budget
+        self.files = JobFiles(
+            settings.jobs_dir or settings.data_dir / "jobs", budget << 20 if budget else None
+        )
         self.node = state.rooms.node
-        self.workers = workers
+        self.workers = int(settings.job_workers)
+        self.lease = max(MIN_LEASE, settings.job_lease)
+        #: Each running job's progress: frames done and the total, as its process said.
+        self.progress: dict[str, tuple[int, int | None]] = {}
+        #: Called by the housekeeping loop after the jobs' own (the Files API's expiry).
+        self.sweepers: list[Callable[[], Awaitable[object]]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[str, Job] = {}
+        self._stopping = False
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._run(index), name=f"job-worker-{index}")
+        self._tasks = [asyncio.create_task(self._housekeep(), name="job-housekeeping")]
+        self._tasks += [
+            asyncio.create_task(self._run(), name=f"job-worker-{index}")
             for index in range(self.workers)
         ]
 
@@ -60,6 +93,7 @@ class JobWorker:
         self._wake.set()
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -67,18 +101,45 @@ class JobWorker:
                 await task
         self._tasks = []
 
-    async def _run(self, index: int) -> None:
-        if index == 0:
-            try:
+    # -- the loops ----------------------------------------------------------------------
+
+    async def _housekeep(self) -> None:
+        try:
+            if self.state.cluster is None:
+                await self.jobs.recover(every_node=True)
+            else:
                 await self.jobs.recover(self.node)
-            except Exception:
-                logger.exception("jobs: recovering this node's jobs failed")
+        except Exception:
+            logger.exception("jobs: recovering this node's jobs failed")
+        self.wake()
         while True:
             try:
-                job = await self.jobs.claim_next(self.node, LEASE_SECONDS)
+                await self.sweep()
             except Exception:
-                logger.exception("jobs: claiming a job failed")
-                job = None
+                logger.exception("jobs: housekeeping failed")
+            await asyncio.sleep(self.lease / 4)
+
+    async def sweep(self) -> None:
+        """Recover dead nodes' jobs, delete expired ones, count the jobs by state."""
+        if await self.jobs.recover():
+            self.wake()
+        while expired := await self.jobs.expired():
+            for job in expired:
+                self.files.delete(job.id)
+                await self.jobs.delete(job.id)
+        for sweeper in self.sweepers:
+            await sweeper()
+        for status, count in (await self.jobs.counts()).items():
+            self.state.metrics.jobs.labels(status).set(count)
+
+    async def _run(self) -> None:
+        while True:
+            job = None
+            if self._room():
+                try:
+                    job = await self.jobs.claim_next(self.node, self.lease)
+                except Exception:
+                    logger.exception("jobs: claiming a job failed")
             if job is None:
                 self._wake.clear()
                 # in this task (asyncio.wait_for would start one per poll)
@@ -88,65 +149,194 @@ class JobWorker:
                 continue
             await self._process(job)
 
-    async def _process(self, job: Job) -> None:
+    def _room(self) -> bool:
+        """Whether this node may start a job: a new realtime session would still fit."""
+        sessions = self.state.sessions
+        if sessions.full:
+            return False
+        return self.state.capacity.refusal(CATALOG[ROOM_MODEL], sessions.all()) is None
+
+    # -- one job ------------------------------------------------------------------------
+
+    def _spec(self, job: Job) -> JobSpec:
         params = job.params or {}
-        input_path = self.files.path(job.input_path)
-        output = self.files.job_dir(job.id) / OUTPUT_NAME
         reference = params.get("reference_image")
-        work = TransformJob(
-            input=input_path,
-            output=output,
+        return JobSpec(
+            input=str(self.files.path(job.input_path)),
+            output=str(self.files.job_dir(job.id) / OUTPUT_NAME),
             model=VIDEO_MODELS.get(job.model, job.model),
-            prompts=[TimedPrompt(0.0, prompt)] if (prompt := params.get("prompt")) else [],
+            prompt=params.get("prompt"),
             image=str(self.files.path(reference)) if reference else None,
             enhance=bool(params.get("enhance_prompt", True)),
-        )
-        progress = Progress(None, stream=io.StringIO(), interactive=False)
-        task = asyncio.create_task(transform_local(work, self.state.settings, progress))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=RENEW_EVERY)
-                if done:
-                    break
-                if not await self.jobs.renew_lease(job.id, self.node, LEASE_SECONDS):
-                    logger.warning("job %s: its lease was lost; stopped", job.id)
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-                    return
-            result = task.result()
-        except asyncio.CancelledError:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise
-        except TransformError as exc:
-            reason = str(exc).replace(str(input_path), "the video")
-            await self._fail(job, _protocol_reason(reason, str(output)))
-            return
-        except Exception as exc:
-            logger.exception("job %s: the transform failed", job.id)
-            await self._fail(job, f"the video could not be processed: {type(exc).__name__}")
-            return
-        seconds = max(1, math.ceil(result.duration or 0.0))
-        size = output.stat().st_size
-        relative = self.files.relative(job.id, OUTPUT_NAME)
-        if not await self.jobs.complete(job.id, self.node, relative, size, seconds):
-            logger.warning("job %s: finished, but no longer this node's", job.id)
-            return
-        logger.info(
-            "job %s: %s, %d frames, %d s charged",
-            job.id,
-            job.model,
-            result.frames,
-            seconds,
-            extra={"key_id": job.key_id, "model": job.model},
+            parent=os.getpid(),
         )
 
-    async def _fail(self, job: Job, reason: str) -> None:
+    def _env(self) -> dict[str, str]:
+        """This process's environment with the node's settings in place of its own."""
+        env = {key: value for key, value in os.environ.items()}
+        for option in options():
+            env.pop(option.env, None)
+        env.update(settings_env(self.state.settings))
+        return env
+
+    async def _process(self, job: Job) -> None:
+        spec = self._spec(job)
+        metrics = self.state.metrics
+        metrics.job_wait_seconds.labels(job.model).observe(
+            max(0.0, (self.jobs.store.clock() - job.created_at).total_seconds())
+        )
+        started = time.monotonic()
+        if await asyncio.to_thread(_file_size, spec.input) is None:
+            # another node's folder: the nodes do not share --jobs-dir
+            await self._fail(
+                job,
+                "the video is not on the node that took the job: this server's nodes must "
+                "share their jobs folder (--jobs-dir)",
+                started,
+            )
+            return
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "livemorph.server.job_process",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._env(),
+        )
+        self._running[job.id] = job
+        metrics.jobs_running.set(len(self._running))
+        self.progress[job.id] = (0, None)
+        final: dict[str, Any] = {}
+        errors: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        readers = [
+            asyncio.create_task(self._read_lines(process, job.id, final)),
+            asyncio.create_task(_tail(process, errors)),
+        ]
+        try:
+            assert process.stdin is not None
+            process.stdin.write(spec.to_json().encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
+            process.stdin.close()
+            renew_every = self.lease / 4
+            while True:
+                try:
+                    async with asyncio.timeout(renew_every):
+                        await process.wait()
+                    break
+                except TimeoutError:
+                    pass
+                if not await self.jobs.renew_lease(job.id, self.node, self.lease):
+                    logger.warning("job %s: its lease was lost; stopped", job.id)
+                    await _kill(process)
+                    return
+            await asyncio.gather(*readers)
+        except asyncio.CancelledError:
+            await _kill(process)
+            if self._stopping:
+                with contextlib.suppress(Exception):
+                    await self.jobs.release(job.id, self.node)
+            raise
+        finally:
+            for reader in readers:
+                reader.cancel()
+            self._running.pop(job.id, None)
+            self.progress.pop(job.id, None)
+            metrics.jobs_running.set(len(self._running))
+        await self._finish(job, spec, process.returncode, final, errors, started)
+
+    async def _read_lines(self, process: Any, job_id: str, final: dict[str, Any]) -> None:
+        """The process's JSON lines: progress noted as it comes, the last word kept."""
+        async for line in process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "done" in message:
+                total = message.get("total")
+                self.progress[job_id] = (int(message["done"]), int(total) if total else None)
+            else:
+                final.update(message)
+
+    async def _finish(
+        self,
+        job: Job,
+        spec: JobSpec,
+        status: int | None,
+        final: dict[str, Any],
+        errors: collections.deque[str],
+        started: float,
+    ) -> None:
+        size = await asyncio.to_thread(_file_size, spec.output)
+        if status == 0 and "frames" in final and size is not None:
+            seconds = max(1, math.ceil(final.get("duration") or 0.0))
+            relative = self.files.relative(job.id, OUTPUT_NAME)
+            if not await self.jobs.complete(job.id, self.node, relative, size, seconds):
+                logger.warning("job %s: finished, but no longer this node's", job.id)
+                return
+            self.state.metrics.job_finished(
+                job.model, "completed", time.monotonic() - started, seconds
+            )
+            logger.info(
+                "job %s: %s, %d frames, %d s charged",
+                job.id,
+                job.model,
+                final["frames"],
+                seconds,
+                extra={"key_id": job.key_id, "model": job.model},
+            )
+            return
+        if status == BAD_INPUT and "error" in final:
+            reason = str(final["error"]).replace(spec.input, "the video")
+            await self._fail(job, _protocol_reason(reason, spec.output), started)
+            return
+        how = (
+            f"signal {signal.Signals(-status).name}"
+            if status is not None and status < 0
+            else f"status {status}"
+        )
+        logger.error(
+            "job %s: its process ended with %s:\n%s", job.id, how, "\n".join(errors) or "(nothing)"
+        )
+        reason = "the video could not be processed: the job's process stopped"
+        if status == -signal.SIGKILL:
+            reason += " (killed: out of memory?)"
+        await self._fail(job, reason, started)
+
+    async def _fail(self, job: Job, reason: str, started: float) -> None:
         logger.info("job %s failed: %s", job.id, reason)
         with contextlib.suppress(Exception):
-            await self.jobs.fail(job.id, self.node, reason)
+            if await self.jobs.fail(job.id, self.node, reason):
+                self.state.metrics.job_finished(job.model, "failed", time.monotonic() - started, 0)
+        # nothing half-made is kept: the output is written whole or not at all, but a
+        # failed job's folder keeps only what the client sent
+        with contextlib.suppress(OSError):
+            (self.files.job_dir(job.id) / OUTPUT_NAME).unlink()
+
+
+def _file_size(path: str) -> int | None:
+    """The size of the file at `path`; None when there is none (on a network file system
+    a look may block, hence a thread)."""
+    try:
+        return Path(path).stat().st_size if Path(path).is_file() else None
+    except OSError:
+        return None
+
+
+async def _tail(process: Any, lines: collections.deque[str]) -> None:
+    async for line in process.stderr:
+        lines.append(line.decode(errors="replace").rstrip())
+
+
+async def _kill(process: Any) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    with contextlib.suppress(Exception):
+        await process.wait()
 
 
 def _protocol_reason(reason: str, output: str) -> str:

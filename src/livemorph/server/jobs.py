@@ -5,7 +5,8 @@
 `resolution`, `start` and `end` are accepted and ignored (the output keeps the input's
 size and length). It is answered `{"job_id", "status"}` at once; the node's worker
 (`job_worker.py`) runs the job later. `GET /v1/jobs/{job_id}` says its status (and
-`error` once failed), `GET /v1/jobs/{job_id}/content` gives the finished MP4. A job is
+`error` once failed, `progress` from 0 to 1 while it runs on the node asked),
+`GET /v1/jobs/{job_id}/content` gives the finished MP4. A job is
 seen only with the key that submitted it. The video models are `models.VIDEO_MODELS`.
 """
 
@@ -22,9 +23,10 @@ from starlette.datastructures import UploadFile
 from ..models import VIDEO_MODELS
 from ..protocol import MAX_IMAGE_BYTES, check_prompt
 from ..storage import DiskBudgetExceeded
-from ..storage.jobs import COMPLETED, FAILED, new_job_id
+from ..storage.jobs import COMPLETED, FAILED, PROCESSING, new_job_id
 from ..transform import Source, TransformError
 from .job_worker import JobWorker
+from .metrics import KEY_JOB_LIMIT_REASON
 from .rest import batch_caller, caller, error
 from .state import AppState
 
@@ -105,11 +107,19 @@ async def _save(worker: JobWorker, job_id: str, name: str, upload: UploadFile, l
 async def submit(request: Request, model: str) -> Response:
     """Submit a video job: multipart `data` (the video) and `prompt`, optionally
     `reference_image` and `enhance_prompt`; answered with the job's id and status."""
-    _, worker = _worker(request)
+    state, worker = _worker(request)
     admitted = await batch_caller(request, model, VIDEO_MODELS, "video")
     if isinstance(admitted, Response):
         return admitted
     principal = admitted[0]
+    cap = state.settings.max_jobs_per_key
+    if cap and await worker.jobs.in_flight(principal.key_id) >= cap:
+        state.metrics.refused(KEY_JOB_LIMIT_REASON)
+        return error(
+            429,
+            f"Too many jobs for this key: {cap} are waiting or running; "
+            "try again when one has finished",
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_VIDEO_BYTES + MAX_IMAGE_BYTES + (1 << 20):
         return error(413, f"file too large: data may be at most {MAX_VIDEO_BYTES >> 20} MB")
@@ -195,6 +205,8 @@ async def status(request: Request, job_id: str) -> Response:
     body: dict[str, Any] = {"job_id": job.id, "status": job.status}
     if job.status == FAILED:
         body["error"] = job.error or "the job failed"
+    elif job.status == PROCESSING and (seen := worker.progress.get(job.id)) and seen[1]:
+        body["progress"] = round(min(1.0, seen[0] / seen[1]), 3)
     return JSONResponse(body)
 
 

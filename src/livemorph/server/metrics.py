@@ -56,6 +56,7 @@ PREFIX = "livemorph"
 #: Refusal reasons, a label with few values: what an operator alerts on.
 AT_CAPACITY_REASON = "at_capacity"
 KEY_LIMIT_REASON = "key_session_limit"
+KEY_JOB_LIMIT_REASON = "key_job_limit"
 RATE_LIMIT_REASON = "rate_limit"
 INVALID_KEY_REASON = "invalid_key"
 MODERATION_REASON = "moderation"
@@ -79,6 +80,8 @@ UNKNOWN_TYPE = "unknown"
 ENGINE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.25, 0.5, 1, 2)
 #: Received to sent: one engine step plus the waits for the loop and a worker thread.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2)
+#: A batch job's wait and run: seconds for a clip, up to the half hour a long one may take.
+JOB_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 
 class Metrics:
@@ -142,6 +145,36 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        self.jobs_finished = Counter(
+            f"{PREFIX}_jobs_finished",
+            "Batch jobs this node finished, by model and status (completed, failed)",
+            ["model", "status"],
+            registry=reg,
+        )
+        self.job_run_seconds = Histogram(
+            f"{PREFIX}_job_run_seconds",
+            "Wall time of a batch job on this node, from its start to its result",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=reg,
+        )
+        self.job_wait_seconds = Histogram(
+            f"{PREFIX}_job_wait_seconds",
+            "Time a batch job this node started had waited since it was submitted",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=reg,
+        )
+        self.jobs_running = Gauge(
+            f"{PREFIX}_jobs_running", "Batch jobs running on this node", registry=reg
+        )
+        self.jobs = Gauge(
+            f"{PREFIX}_jobs",
+            "Batch jobs in the database by state (every node of a cluster reads the same "
+            "table), as of the worker's last look",
+            ["state"],
+            registry=reg,
+        )
         info = Gauge(
             f"{PREFIX}_info", "Always 1: the server's version, by label", ["version"], registry=reg
         )
@@ -188,6 +221,13 @@ class Metrics:
         self.generation_seconds.labels(model).inc(seconds)
         if metered:
             self.credits_debited.labels(model).inc(seconds)
+
+    def job_finished(self, model: str, status: str, run: float, charged: int) -> None:
+        """A job this node ran ended `status` after `run` seconds, `charged` seconds billed."""
+        self.jobs_finished.labels(model, status).inc()
+        self.job_run_seconds.labels(model).observe(run)
+        if charged:
+            self.generation_seconds.labels(model).inc(charged)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .limits import Clock, Limits
 from .metrics import Metrics
 from .queue import AdmissionQueue
 from .rooms import Rooms
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -110,6 +113,12 @@ class AppState:
         if self.cluster is not None:
             await self.cluster.start()
         self.job_worker = JobWorker(self)
+        if self.cluster is not None and self.settings.jobs_dir is None:
+            logger.warning(
+                "jobs: this cluster member keeps batch jobs' files in its own data folder; "
+                "another node cannot run the jobs submitted here: give every node the same "
+                "--jobs-dir (a shared file system)"
+            )
         self.job_worker.start()
 
     async def close(self) -> None:

@@ -102,9 +102,10 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """Jobs on a `Store`'s database and clock; finished jobs are kept for `retention`."""
+    """Jobs on a `Store`'s database and clock; finished jobs are kept for `retention`
+    (None: until they are deleted by hand)."""
 
-    def __init__(self, store: Store, retention: timedelta = DEFAULT_RETENTION) -> None:
+    def __init__(self, store: Store, retention: timedelta | None = DEFAULT_RETENTION) -> None:
         self.store = store
         self.retention = retention
         self._engine = store._engine
@@ -160,6 +161,25 @@ class JobStore:
                 .limit(limit)
             )
             return [_job(row) for row in rows]
+
+    async def in_flight(self, key_id: str) -> int:
+        """How many of the key's jobs wait or run (for the per-key cap)."""
+        async with self._engine.connect() as conn:
+            count = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(jobs)
+                    .where(and_(jobs.c.key_id == key_id, jobs.c.status.in_((PENDING, PROCESSING))))
+                )
+            ).scalar_one()
+        return int(count)
+
+    async def counts(self) -> dict[JobStatus, int]:
+        """Jobs in the database by status, every status named (for /metrics)."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+            found = {row[0]: int(row[1]) for row in rows}
+        return {status: found.get(status, 0) for status in (PENDING, PROCESSING, COMPLETED, FAILED)}
 
     async def claim_next(self, node: str, lease_seconds: float) -> Job | None:
         """The oldest pending job, now `node`'s for `lease_seconds`; None when none waits."""
@@ -247,19 +267,24 @@ class JobStore:
             )
             return result.rowcount == 1
 
-    async def recover(self, node: str | None = None) -> list[Job]:
+    async def recover(self, node: str | None = None, *, every_node: bool = False) -> list[Job]:
         """Jobs whose node died: those whose lease has run out and, with `node`, every job
-        that node holds (a node calls this as it starts: nothing it held before is running).
+        that node holds (a node calls this as it starts: nothing it held before is running);
+        with `every_node`, every running job (a node that shares its database with no other
+        calls this as it starts: nothing is running anywhere).
 
         Each goes back to pending, or fails with the reason once it was started
         MAX_ATTEMPTS times. The jobs changed, as they are now."""
         now = self._now()
-        orphaned = and_(
-            jobs.c.status == PROCESSING,
-            or_(jobs.c.lease_until < now, jobs.c.claimed_by == node)
-            if node is not None
-            else jobs.c.lease_until < now,
-        )
+        if every_node:
+            orphaned = jobs.c.status == PROCESSING
+        else:
+            orphaned = and_(
+                jobs.c.status == PROCESSING,
+                or_(jobs.c.lease_until < now, jobs.c.claimed_by == node)
+                if node is not None
+                else jobs.c.lease_until < now,
+            )
         reason = (
             f"the node running it stopped {MAX_ATTEMPTS} times before it finished "
             "(it may be what stops them)"
@@ -280,6 +305,25 @@ class JobStore:
             )
             changed += [_job(row) for row in requeued]
         return changed
+
+    async def release(self, job_id: str, node: str) -> bool:
+        """Give `node`'s running job back to the queue (the node is stopping); the start is
+        not counted against MAX_ATTEMPTS. False when it is not `node`'s."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(_held_by(job_id, node))
+                .values(
+                    status=PENDING,
+                    claimed_by=None,
+                    lease_until=None,
+                    started_at=None,
+                    attempts=func.max(jobs.c.attempts - 1, 0)
+                    if conn.dialect.name == "sqlite"
+                    else func.greatest(jobs.c.attempts - 1, 0),
+                )
+            )
+            return result.rowcount == 1
 
     async def expired(self, limit: int = 100) -> list[Job]:
         """Finished jobs kept past their retention, oldest first: delete their files, then
@@ -323,7 +367,7 @@ class JobStore:
             "claimed_by": None,
             "lease_until": None,
             "finished_at": now,
-            "expires_at": now + self.retention,
+            "expires_at": None if self.retention is None else now + self.retention,
         }
 
 
