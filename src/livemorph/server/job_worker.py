@@ -72,6 +72,8 @@ class JobWorker:
         self.node = state.rooms.node
         self.workers = int(settings.job_workers)
         self.lease = max(MIN_LEASE, settings.job_lease)
+        #: What runs one job: reads a JobSpec on stdin, answers JSON lines (job_process.py).
+        self.command = [sys.executable, "-m", "livemorph.server.job_process"]
         #: Each running job's progress: frames done and the total, as its process said.
         self.progress: dict[str, tuple[int, int | None]] = {}
         #: Called by the housekeeping loop after the jobs' own (the Files API's expiry).
@@ -196,9 +198,7 @@ class JobWorker:
             )
             return
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "livemorph.server.job_process",
+            *self.command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
