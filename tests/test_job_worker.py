@@ -4,13 +4,16 @@ processes) or on the job process alone."""
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import av
 import httpx
+import numpy as np
 import pytest
 
 from livemorph.config import Settings
@@ -250,3 +253,57 @@ async def test_the_worker_passes_its_settings_not_the_environments(
     async with serve_in_process(settings) as server:
         env = _worker(server)._env()
     assert env["LIVEMORPH_ENGINE"] == "grade" and "LIVEMORPH_ADMIN_KEY" not in env
+
+
+def _frames(path: Path, size: tuple[int, int], times: list[float], container: str) -> bytes:
+    """A video of flat frames at the given times (seconds), in `container`."""
+    width, height = size
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for index, at in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(
+                np.full((height, width, 3), 40 * index % 255, np.uint8), format="rgb24"
+            )
+            frame.pts, frame.time_base = round(at * 1000), fractions.Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+async def test_videos_past_the_limits_or_broken_are_refused_or_failed_in_words(
+    tmp_path: Path,
+) -> None:
+    """A frame over 4K and a clip over 5 minutes are refused at once (413), a reference
+    image that is not one too (415); a truncated file is refused or fails with a reason,
+    and the node serves the next job."""
+    huge = _frames(tmp_path / "huge.mkv", (3856, 2176), [0.0], "matroska")
+    long = _frames(tmp_path / "long.mkv", (64, 48), [0.0, 1.0, 301.0], "matroska")
+    clip = make_clip(tmp_path / "clip.mkv", seconds=2.0, size=SIZE).read_bytes()
+    settings = Settings(data_dir=tmp_path / "data", engine="grade")
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=60) as client:
+        base, key = server.base_url, server.api_key
+        response = await submit(client, base, key, data=huge, prompt="anime")
+        assert response.status_code == 413, response.text
+        assert response.json()["error"] == (
+            "video frame too large: at most 8294400 pixels (3840x2160), this one is 3856x2176"
+        )
+        response = await submit(client, base, key, data=long, prompt="anime")
+        assert response.status_code == 413, response.text
+        assert response.json()["error"].startswith("video too long: at most 5 minutes")
+        response = await submit(
+            client, base, key, data=clip, prompt="anime", reference_image=b"GIF89a not really"
+        )
+        assert response.status_code == 415, response.text
+        assert response.json()["error"].startswith("invalid image: reference_image:")
+        assert not any((tmp_path / "data" / "jobs").iterdir()), "a refused job left files"
+        truncated = await submit(client, base, key, data=clip[: len(clip) // 2], prompt="anime")
+        if truncated.status_code == 200:
+            body = await finished(client, base, key, truncated.json()["job_id"])
+            # what a cut file still holds comes back, or the job says why it cannot
+            assert body["status"] == "completed" or body["error"], body
+        else:
+            assert truncated.status_code == 415, truncated.text
+        good = (await submit(client, base, key, data=clip, prompt="anime")).json()
+        assert (await finished(client, base, key, good["job_id"]))["status"] == "completed"

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
+from ..media.frames import image_to_rgb
 from ..models import VIDEO_MODELS
 from ..protocol import MAX_IMAGE_BYTES, check_prompt
 from ..storage import DiskBudgetExceeded
@@ -36,6 +37,9 @@ router = APIRouter()
 MAX_VIDEO_BYTES = 200 * 1024 * 1024
 #: The longest video a job may take, in seconds.
 MAX_VIDEO_SECONDS = 5 * 60
+#: The largest picture a job's video may have: 4K UHD. The engine renders at the input's
+#: size, so a larger frame would cost memory and time out of all proportion to any use.
+MAX_VIDEO_PIXELS = 3840 * 2160
 #: The input's name in the job's folder.
 INPUT_NAME = "input.video"
 REFERENCE_NAME = "reference.image"
@@ -67,8 +71,16 @@ def _text(form: Any, field: str) -> str | None:
     return str(value)
 
 
+def _check_reference(path: Path) -> None:
+    """Refuse a reference image that is not a PNG, JPEG or WebP picture of a sane size."""
+    try:
+        image_to_rgb(path.read_bytes(), MAX_VIDEO_PIXELS)
+    except ValueError as exc:
+        raise _BadInput(415, f"invalid image: reference_image: {exc}") from None
+
+
 def _probe(path: Path) -> None:
-    """Refuse a file PyAV cannot read as a video, or one over the length limit."""
+    """Refuse a file PyAV cannot read as a video, or one over the size or length limits."""
     try:
         source = Source.open(path)
     except TransformError:
@@ -76,6 +88,12 @@ def _probe(path: Path) -> None:
             415, "invalid video: data is not a video file this server can read"
         ) from None
     try:
+        if source.width * source.height > MAX_VIDEO_PIXELS:
+            raise _BadInput(
+                413,
+                f"video frame too large: at most {MAX_VIDEO_PIXELS} pixels (3840x2160), "
+                f"this one is {source.width}x{source.height}",
+            )
         if source.duration is not None and source.duration > MAX_VIDEO_SECONDS:
             raise _BadInput(
                 413,
@@ -171,6 +189,8 @@ async def submit(request: Request, model: str) -> Response:
             if reference is not None:
                 await _save(worker, job_id, REFERENCE_NAME, reference, MAX_IMAGE_BYTES)
                 params["reference_image"] = worker.files.relative(job_id, REFERENCE_NAME)
+                reference_path = worker.files.path(params["reference_image"])
+                await asyncio.to_thread(_check_reference, reference_path)
             input_path = worker.files.relative(job_id, INPUT_NAME)
             await asyncio.to_thread(_probe, worker.files.path(input_path))
         finally:
