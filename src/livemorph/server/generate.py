@@ -32,8 +32,9 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 
+from ..engines import ModelNotAvailable
 from ..media.frames import image_to_rgb
-from ..models import IMAGE_MODELS
+from ..models import IMAGE_MODELS, UnknownModelError
 from ..policy import Policy
 from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES, check_prompt
 from ..sessions.session import InputRefused, ModerationRefused, Session, new_session_id
@@ -233,7 +234,11 @@ async def generate(request: Request, model: str) -> Response:
     admitted = await batch_caller(request, model, IMAGE_MODELS, "image")
     if isinstance(admitted, Response):
         return admitted
-    principal, spec, engine = admitted
+    principal, target = admitted
+    try:
+        spec, engine = state.engines.resolve(target)
+    except (UnknownModelError, ModelNotAvailable):
+        return error(404, f"model not available on this server: {model} is not allowed here")
     try:
         form = await _form(request)
         data = await _image(form, "data")

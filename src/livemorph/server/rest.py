@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..cluster import ClusterUnavailable
-from ..engines import Engine, ModelNotAvailable
-from ..models import CATALOG, IMAGE_MODELS, ModelSpec, UnknownModelError
+from ..models import CATALOG, IMAGE_MODELS, UnknownModelError
 from ..sessions.metering import INSUFFICIENT_CREDITS
 from ..storage import ClientToken, Principal
 from .limits import retry_after
@@ -103,11 +102,12 @@ async def caller(state: AppState, key: str | None) -> Principal | JSONResponse:
 
 async def batch_caller(
     request: Request, model: str, served: Mapping[str, str], kind: str
-) -> tuple[Principal, ModelSpec, Engine] | JSONResponse:
+) -> tuple[Principal, str] | JSONResponse:
     """The caller of a batch endpoint (`/v1/generate`, `/v1/jobs`) for `model`, one of
-    `served` (each named for the realtime model whose engine serves it), with that model's
-    spec and engine; else the refusal to answer with: the key (401), the model (404), the
-    token's models (403), the engine (404), the credits (402)."""
+    `served` (each named for the realtime model whose engine serves it), with that realtime
+    model's name; else the refusal to answer with: the key (401), the model (404), the
+    token's models (403), no engine for it here (404), the credits (402). The engine is not
+    loaded here: a job runs in a process of its own, and an edit loads it when it runs."""
     state = _state(request)
     principal = await caller(state, request.headers.get("x-api-key"))
     if isinstance(principal, JSONResponse):
@@ -119,12 +119,14 @@ async def batch_caller(
     if not principal.may_use(model):
         return error(403, f"permission denied: this token may not use model {model}")
     try:
-        spec, engine = state.engines.resolve(target)
-    except (UnknownModelError, ModelNotAvailable):
+        available = state.engines.engine_name(target) is not None
+    except UnknownModelError:
+        available = False
+    if not available:
         return error(404, f"model not available on this server: {model} is not allowed here")
     if not await state.meter.admits(principal):
         return error(402, INSUFFICIENT_CREDITS)
-    return principal, spec, engine
+    return principal, target
 
 
 def token_body(secret: str, token: ClientToken, models: list[str] | None) -> dict[str, Any]:
