@@ -158,8 +158,10 @@ IMAGE_MODELS: dict[str, str] = {
 #: The video models of decart==0.2.4's queue (`POST /v1/jobs/{model}`: a video file in, the
 #: restyled video out, later) and, for each, the realtime model whose engine runs the job the
 #: way `livemorph transform` runs one over a file (`server/jobs.py`; `lucy-restyle-v2v` is the
-#: clients' deprecated name).
+#: clients' deprecated name). Every realtime model that transforms a camera takes jobs too,
+#: under its own name (`mirage`, `mirage_v2`, ...), as `livemorph transform` takes them.
 VIDEO_MODELS: dict[str, str] = {
+    **{name: name for name, spec in CATALOG.items() if spec.kind != AVATAR},
     **{
         name: name
         for name in (
