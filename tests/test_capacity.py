@@ -64,12 +64,14 @@ class Node:
         self.clock = FakeClock()
         self.cpu = 0.0
         self.idle = 0.5  # the machine's idle share, as /proc/stat would say
+        self.jobs_cpu = 0.0  # the CPU seconds of the node's job processes (SCHED_IDLE)
         self.capacity = Capacity(
             configured,
             cores=cores,
             clock=self.clock,
             cpu_time=lambda: self.cpu,
             idle=lambda: self.idle,
+            yielding=lambda: self.jobs_cpu,
         )
         self.sessions: list[FakeSession] = []
         self.capacity.sample(self.sessions)
@@ -90,15 +92,23 @@ class Node:
         session.pc = object()
         return True
 
-    def run(self, seconds: float, cores_used: float, got: float = 1.0, others: float = 0.0) -> None:
-        """Every session streams for `seconds` while the process uses `cores_used` and
-        other processes `others`."""
+    def run(
+        self,
+        seconds: float,
+        cores_used: float,
+        got: float = 1.0,
+        others: float = 0.0,
+        jobs: float = 0.0,
+    ) -> None:
+        """Every session streams for `seconds` while the process uses `cores_used`, other
+        processes `others` and the node's job processes `jobs`."""
         cores = self.capacity.cores
-        self.idle = max(0.0, cores - cores_used - others) / cores
+        self.idle = max(0.0, cores - cores_used - others - jobs) / cores
         for _ in range(round(seconds)):
             for session in self.sessions:
                 session.stream(1.0, got=got)
             self.cpu += cores_used
+            self.jobs_cpu += jobs
             self.clock.advance(1.0)
             self.capacity.sample(self.sessions)
 
@@ -151,6 +161,24 @@ def test_what_other_processes_take_is_not_the_nodes() -> None:
     node.run(15, cores_used=0.9)
     assert node.capacity.budget == pytest.approx(2.0, abs=0.01)
     assert node.admit(MIRAGE), "the others have gone: room for a second"
+
+
+def test_the_cpu_the_nodes_jobs_fill_is_still_the_sessions() -> None:
+    """A job at SCHED_IDLE takes all the CPU the session leaves: the node's budget is still
+    its cores, a second session still fits, and nobody is judged starved for it; the same
+    load from another process leaves room for one only."""
+    node = Node(cores=2.0)
+    assert node.admit(MIRAGE)
+    node.run(15, cores_used=0.9, jobs=1.1)
+    assert node.idle == 0.0
+    assert node.capacity.budget == pytest.approx(2.0, abs=0.01)
+    assert not node.capacity.behind(node.sessions)
+    assert node.admit(MIRAGE), "room for a second beside the job"
+    other = Node(cores=2.0)
+    assert other.admit(MIRAGE)
+    other.run(15, cores_used=0.9, others=1.1)
+    assert other.capacity.budget == pytest.approx(0.9, abs=0.01)
+    assert other.admit(MIRAGE) is None
 
 
 def test_a_cheap_model_fits_many_and_the_cost_is_per_frame_not_per_second() -> None:

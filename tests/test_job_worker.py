@@ -308,3 +308,22 @@ async def test_videos_past_the_limits_or_broken_are_refused_or_failed_in_words(
             assert truncated.status_code == 415, truncated.text
         good = (await submit(client, base, key, data=clip, prompt="anime")).json()
         assert (await finished(client, base, key, good["job_id"]))["status"] == "completed"
+
+
+async def test_the_worker_counts_its_job_processes_cpu(tmp_path: Path) -> None:
+    """capacity.py counts it as idle for the node's sessions (the jobs yield it)."""
+    clip = make_clip(tmp_path / "clip.mp4", seconds=0.5, size=SIZE).read_bytes()
+    settings = Settings(data_dir=tmp_path / "data", engine="grade")
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=30) as client:
+        worker = _worker(server)
+        assert server.state.capacity.yielding == worker.cpu_seconds
+        worker.command = [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.stdin.readline(); end = time.process_time() + 1.0\n"
+            "while time.process_time() < end: pass",
+        ]
+        job = (await submit(client, server.base_url, server.api_key, data=clip, prompt="x")).json()
+        body = await finished(client, server.base_url, server.api_key, job["job_id"])
+        assert body["status"] == "failed", "it wrote no result"
+        assert 0.95 <= worker.cpu_seconds() <= 5.0

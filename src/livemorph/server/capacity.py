@@ -52,6 +52,11 @@ check once the machine has no CPU left. On a GPU node the CPU says little of the
 load: there, configure `--capacity` from `bench/diffusion.py`'s figures; the behind check
 still holds.
 
+The node's batch jobs run in processes of their own at `SCHED_IDLE` (job_process.py): the
+kernel gives a session any CPU they hold the moment it wants it. So the CPU they use counts
+as idle here (`yielding`, their CPU seconds so far): a node busy with a job alone still has
+its cores for sessions, and a session is not judged starved for the CPU a job fills.
+
 The clock, the process's CPU, the machine's idle share and the cores are injectable, so
 tests feed readings rather than race time.
 """
@@ -191,6 +196,7 @@ class Capacity:
         cpu_time: Clock = time.process_time,
         idle: Clock | None = None,
         default_cost: float = DEFAULT_COST,
+        yielding: Clock | None = None,
     ) -> None:
         self.configured = dict(configured or {})
         if any(count < 1 for count in self.configured.values()):
@@ -204,7 +210,10 @@ class Capacity:
         self._clock = clock
         self._cpu_time = cpu_time
         self._idle = idle if idle is not None else IdleCpu()
-        self._last: tuple[float, float] | None = None  # (when, process CPU seconds)
+        #: CPU seconds used so far by processes that yield to this one's (the node's jobs).
+        self.yielding: Clock = yielding if yielding is not None else _nothing
+        # (when, process CPU seconds, yielding processes' CPU seconds)
+        self._last: tuple[float, float, float] | None = None
         self._seen: dict[str, _Seen] = {}
         #: Measured cores per session at full rate, by model (running means).
         self.costs: dict[str, float] = {}
@@ -224,10 +233,13 @@ class Capacity:
 
     def sample(self, sessions: Iterable[Running]) -> None:
         """Read the process's CPU and each session's frames since the last reading."""
-        now, cpu = self._clock(), self._cpu_time()
+        now, cpu, yielded = self._clock(), self._cpu_time(), self.yielding()
         idle = self._idle()
+        last, self._last = self._last, (now, cpu, yielded)
+        if last is not None and now > last[0] and yielded >= last[2]:
+            # what the jobs used was there for the sessions' taking
+            idle = min(1.0, idle + (yielded - last[2]) / (now - last[0]) / self.cores)
         starved = idle < SPARE_AT
-        last, self._last = self._last, (now, cpu)
         sessions = list(sessions)
         seen: dict[str, _Seen] = {}
         processed: dict[str, int] = {}  # frames processed by model, this reading
@@ -370,6 +382,10 @@ class CapacityMetrics(Collector):
         for model, cost in sorted(capacity.costs.items()):
             costs.add_metric([model], cost)
         yield costs
+
+
+def _nothing() -> float:
+    return 0.0
 
 
 def _has_media(session: Running) -> bool:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -82,6 +83,9 @@ class JobWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[str, Job] = {}
         self._stopping = False
+        #: The running job processes' ids, and the CPU its ended children had used before.
+        self._pids: set[int] = set()
+        self._children_before = _children_cpu()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._housekeep(), name="job-housekeeping")]
@@ -102,6 +106,13 @@ class JobWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the job processes have used so far (capacity.py counts them as idle:
+        they run at SCHED_IDLE): the ended ones' from the kernel's account of this process's
+        children (a server starts no other children), the running ones' from /proc."""
+        ended = _children_cpu() - self._children_before
+        return ended + sum(_process_cpu(pid) or 0.0 for pid in self._pids)
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -205,6 +216,7 @@ class JobWorker:
             env=self._env(),
         )
         self._running[job.id] = job
+        self._pids.add(process.pid)
         metrics.jobs_running.set(len(self._running))
         self.progress[job.id] = (0, None)
         final: dict[str, Any] = {}
@@ -242,6 +254,7 @@ class JobWorker:
             for reader in readers:
                 reader.cancel()
             self._running.pop(job.id, None)
+            self._pids.discard(process.pid)
             self.progress.pop(job.id, None)
             metrics.jobs_running.set(len(self._running))
         await self._finish(job, spec, process.returncode, final, errors, started)
@@ -315,6 +328,27 @@ class JobWorker:
         # failed job's folder keeps only what the client sent
         with contextlib.suppress(OSError):
             (self.files.job_dir(job.id) / OUTPUT_NAME).unlink()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _process_cpu(pid: int) -> float | None:
+    """The CPU seconds (user and system, all threads) process `pid` has used, from
+    /proc/PID/stat; None where it cannot be read (gone, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the name: state is field 3, utime 14, stime 15
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user and system) this process's ended, reaped children have used."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _file_size(path: str) -> int | None:

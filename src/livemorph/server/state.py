@@ -113,6 +113,7 @@ class AppState:
         if self.cluster is not None:
             await self.cluster.start()
         self.job_worker = JobWorker(self)
+        self.capacity.yielding = self.job_worker.cpu_seconds
         if self.cluster is not None and self.settings.jobs_dir is None:
             logger.warning(
                 "jobs: this cluster member keeps batch jobs' files in its own data folder; "
