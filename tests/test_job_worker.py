@@ -4,6 +4,7 @@ processes) or on the job process alone."""
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import json
 import os
@@ -327,3 +328,36 @@ async def test_the_worker_counts_its_job_processes_cpu(tmp_path: Path) -> None:
         body = await finished(client, server.base_url, server.api_key, job["job_id"])
         assert body["status"] == "failed", "it wrote no result"
         assert 0.95 <= worker.cpu_seconds() <= 5.0
+
+
+async def test_a_running_jobs_progress_is_in_its_status(tmp_path: Path) -> None:
+    """The worker writes what its process says to the database with the lease, so any
+    node answers it; it goes when the job ends."""
+    clip = make_clip(tmp_path / "clip.mp4", seconds=0.5, size=SIZE).read_bytes()
+    settings = Settings(data_dir=tmp_path / "data", engine="grade")
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=30) as client:
+        base, key = server.base_url, server.api_key
+        worker = _worker(server)
+        worker.command = [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.stdin.readline(); "
+            'print(\'{"done": 3, "total": 12}\', flush=True); time.sleep(4)',
+        ]
+        job = (await submit(client, base, key, data=clip, prompt="x")).json()
+        seen: list[dict] = []
+
+        async def progress_shown() -> bool:
+            response = await client.get(
+                f"{base}/v1/jobs/{job['job_id']}", headers={"X-API-KEY": key}
+            )
+            seen.append(response.json())
+            return "progress" in seen[-1]
+
+        for _ in range(100):
+            if await progress_shown():
+                break
+            await asyncio.sleep(0.1)
+        assert seen[-1] == {"job_id": job["job_id"], "status": "processing", "progress": 0.25}
+        body = await finished(client, base, key, job["job_id"])
+        assert "progress" not in body

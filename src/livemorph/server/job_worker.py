@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: The shortest lease a node takes, whatever `--job-lease` says.
 MIN_LEASE = 5.0
+#: Seconds between two writes of a running job's progress (with its lease) to the database.
+PROGRESS_EVERY = 2.0
 #: How long an idle loop waits before it looks for a job again (a submission wakes it).
 POLL_SECONDS = 2.0
 #: The output's name in the job's folder.
@@ -231,7 +233,8 @@ class JobWorker:
             with contextlib.suppress(ConnectionError):
                 await process.stdin.drain()
             process.stdin.close()
-            renew_every = self.lease / 4
+            # the lease is renewed with the progress, which a client may be polling
+            renew_every = min(self.lease / 4, PROGRESS_EVERY)
             while True:
                 try:
                     async with asyncio.timeout(renew_every):
@@ -239,7 +242,9 @@ class JobWorker:
                     break
                 except TimeoutError:
                     pass
-                if not await self.jobs.renew_lease(job.id, self.node, self.lease):
+                done, total = self.progress.get(job.id, (0, None))
+                progress = done / total if total else None
+                if not await self.jobs.renew_lease(job.id, self.node, self.lease, progress):
                     logger.warning("job %s: its lease was lost; stopped", job.id)
                     await _kill(process)
                     return

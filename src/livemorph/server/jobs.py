@@ -5,7 +5,7 @@
 `resolution`, `start` and `end` are accepted and ignored (the output keeps the input's
 size and length). It is answered `{"job_id", "status"}` at once; the node's worker
 (`job_worker.py`) runs the job later. `GET /v1/jobs/{job_id}` says its status (and
-`error` once failed, `progress` from 0 to 1 while it runs on the node asked),
+`error` once failed, `progress` from 0 to 1 while it runs),
 `GET /v1/jobs/{job_id}/content` gives the finished MP4. A job is
 seen only with the key that submitted it. The video models are `models.VIDEO_MODELS`.
 """
@@ -225,8 +225,8 @@ async def status(request: Request, job_id: str) -> Response:
     body: dict[str, Any] = {"job_id": job.id, "status": job.status}
     if job.status == FAILED:
         body["error"] = job.error or "the job failed"
-    elif job.status == PROCESSING and (seen := worker.progress.get(job.id)) and seen[1]:
-        body["progress"] = round(min(1.0, seen[0] / seen[1]), 3)
+    elif job.status == PROCESSING and job.progress is not None:
+        body["progress"] = round(job.progress, 3)
     return JSONResponse(body)
 
 

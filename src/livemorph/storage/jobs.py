@@ -72,6 +72,8 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     expires_at: datetime | None
+    #: The share (0..1) of its frames done while it runs, as its node last wrote it.
+    progress: float | None = None
 
 
 def _job(row: Any) -> Job:
@@ -94,6 +96,7 @@ def _job(row: Any) -> Job:
         started_at=_maybe_aware(row.started_at),
         finished_at=_maybe_aware(row.finished_at),
         expires_at=_maybe_aware(row.expires_at),
+        progress=None if row.progress is None else float(row.progress),
     )
 
 
@@ -214,15 +217,17 @@ class JobStore:
             ).first()
         return None if row is None else _job(row)
 
-    async def renew_lease(self, job_id: str, node: str, lease_seconds: float) -> bool:
-        """Extend `node`'s lease on its job; False when the job is no longer its own (the
-        lease ran out and it was recovered, or it finished): then stop working on it."""
+    async def renew_lease(
+        self, job_id: str, node: str, lease_seconds: float, progress: float | None = None
+    ) -> bool:
+        """Extend `node`'s lease on its job, noting its `progress` (0..1) if given; False
+        when the job is no longer its own (the lease ran out and it was recovered, or it
+        finished): then stop working on it."""
+        values: dict[str, Any] = {"lease_until": self._now() + timedelta(seconds=lease_seconds)}
+        if progress is not None:
+            values["progress"] = min(1.0, max(0.0, progress))
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(_held_by(job_id, node))
-                .values(lease_until=self._now() + timedelta(seconds=lease_seconds))
-            )
+            result = await conn.execute(update(jobs).where(_held_by(job_id, node)).values(values))
             return result.rowcount == 1
 
     async def complete(
@@ -300,7 +305,13 @@ class JobStore:
             requeued = await conn.execute(
                 update(jobs)
                 .where(and_(orphaned, jobs.c.attempts < MAX_ATTEMPTS))
-                .values(status=PENDING, claimed_by=None, lease_until=None, started_at=None)
+                .values(
+                    status=PENDING,
+                    claimed_by=None,
+                    lease_until=None,
+                    started_at=None,
+                    progress=None,
+                )
                 .returning(jobs)
             )
             changed += [_job(row) for row in requeued]
@@ -318,6 +329,7 @@ class JobStore:
                     claimed_by=None,
                     lease_until=None,
                     started_at=None,
+                    progress=None,
                     attempts=func.max(jobs.c.attempts - 1, 0)
                     if conn.dialect.name == "sqlite"
                     else func.greatest(jobs.c.attempts - 1, 0),
@@ -366,6 +378,7 @@ class JobStore:
         return {
             "claimed_by": None,
             "lease_until": None,
+            "progress": None,
             "finished_at": now,
             "expires_at": None if self.retention is None else now + self.retention,
         }

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -106,6 +107,8 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # When its files and row are deleted: set when it finishes, by the retention setting.
     Column("expires_at", DateTime(timezone=True), nullable=True),
+    # The share (0..1) of its frames done while it runs, as its node last wrote it.
+    Column("progress", Float, nullable=True),
 )
 
 Index("ix_jobs_status_created", jobs.c.status, jobs.c.created_at)
