@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from livemorph.config import Settings
-from livemorph.server.job_process import BAD_INPUT, JobSpec, settings_env
+from livemorph.job_process import BAD_INPUT, JobSpec, settings_env
 from livemorph.server.job_worker import JobWorker
 from livemorph.storage import JobStore, Store
 from tests.inprocess import serve_in_process
@@ -178,7 +178,7 @@ async def test_finished_jobs_are_deleted_with_their_files_after_the_retention(
 
 def _run_process(spec: JobSpec, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "livemorph.server.job_process"],
+        [sys.executable, "-m", "livemorph.job_process"],
         input=spec.to_json() + "\n",
         capture_output=True,
         text=True,
@@ -221,7 +221,7 @@ def test_the_job_process_ends_at_once_without_its_parent(tmp_path: Path) -> None
 def test_the_job_process_runs_only_on_cpu_nobody_else_wants() -> None:
     """SCHED_IDLE on Linux (threads it starts inherit it), else the highest niceness."""
     code = (
-        "import os; from livemorph.server.job_process import yield_cpu; "
+        "import os; from livemorph.job_process import yield_cpu; "
         "print(yield_cpu()); print(os.sched_getscheduler(0) == os.SCHED_IDLE, os.nice(0))"
     )
     done = subprocess.run(

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import options
+from ..job_process import BAD_INPUT, JobSpec, settings_env
 from ..models import CATALOG, VIDEO_MODELS
 from ..storage import Job, JobFiles, JobStore
-from .job_process import BAD_INPUT, JobSpec, settings_env
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -76,7 +76,7 @@ class JobWorker:
         self.workers = int(settings.job_workers)
         self.lease = max(MIN_LEASE, settings.job_lease)
         #: What runs one job: reads a JobSpec on stdin, answers JSON lines (job_process.py).
-        self.command = [sys.executable, "-m", "livemorph.server.job_process"]
+        self.command = [sys.executable, "-m", "livemorph.job_process"]
         #: Each running job's progress: frames done and the total, as its process said.
         self.progress: dict[str, tuple[int, int | None]] = {}
         #: Called by the housekeeping loop after the jobs' own (the Files API's expiry).

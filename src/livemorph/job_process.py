@@ -1,6 +1,6 @@
 """One batch job in a process of its own, below the node's realtime sessions.
 
-The node's worker (job_worker.py) starts `python -m livemorph.server.job_process` for each
+The node's worker (job_worker.py) starts `python -m livemorph.job_process` for each
 job, writes the job to its stdin as one JSON object (`JobSpec`), and reads JSON lines from
 its stdout: `{"done": n, "total": m}` now and then, then `{"frames": n, "duration": s}` when
 the output is written, or `{"error": reason}` when the input cannot be transformed (exit
@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import Settings, options
-from ..transform import Job, Progress, TimedPrompt, TransformError, transform_local
+from .config import Settings, options
+from .transform import Job, Progress, TimedPrompt, TransformError, transform_local
 
 #: The node's settings a job's process is given: the engines and the prompt policy.
 JOB_SETTINGS = (
