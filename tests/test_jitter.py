@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import random
 
 import numpy as np
@@ -15,9 +16,11 @@ from av import VideoFrame
 from livemorph.media.jitter import (
     AUDIO_PREFETCH,
     LowLatencyJitterBuffer,
+    RepeatingNackGenerator,
     install_low_latency_jitter_buffer,
     install_on_peer_connection,
     install_short_audio_prefetch,
+    is_keyframe,
 )
 
 ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
@@ -219,7 +222,10 @@ async def test_loopback_decodes_frames_through_low_latency_buffer() -> None:
     assert buffer_was_empty == [True]
     for pc in (offerer, answerer):
         receiver = pc.getTransceivers()[0].receiver
-        assert isinstance(getattr(receiver, ATTRIBUTE), LowLatencyJitterBuffer)
+        buffer = getattr(receiver, ATTRIBUTE)
+        assert isinstance(buffer, LowLatencyJitterBuffer)
+        nacks = receiver._RTCRtpReceiver__nack_generator
+        assert isinstance(nacks, RepeatingNackGenerator) and buffer.rtt() == nacks.rtt
     for frames in received.values():
         assert len(frames) == 15
         assert all((f.width, f.height) == (320, 240) for f in frames)
@@ -249,31 +255,191 @@ def test_install_refuses_audio_and_late_or_unknown_receivers() -> None:
     assert isinstance(getattr(receiver, ATTRIBUTE), LowLatencyJitterBuffer)
 
 
-def test_unrecovered_loss_resyncs_like_stock_without_duplicates() -> None:
-    """Lost packets stall both buffers until capacity forces a resync (with a PLI)."""
-    rng = random.Random(3)
-    packets: list[RtpPacket] = []
-    seq = 60000
-    for index in range(400):
-        chunk = frame(seq, 1000 + index * 3600, rng.randint(1, 9))
-        packets += chunk
-        seq += len(chunk)
-    packets = [p for i, p in enumerate(packets) if i == 0 or rng.random() > 0.02]
+KEY = b"\x10\x02\x00\x9d\x01\x2a"  # a VP8 key frame's tag and start code
+DELTA = b"\x11\x02\x00"  # a VP8 inter frame's tag
 
-    def run(buffer: JitterBuffer) -> tuple[list[int], int]:
-        stamps, plis = [], 0
+
+def vp8_frame(first_seq: int, ts: int, count: int, key: bool) -> list[RtpPacket]:
+    """A frame whose first packet carries a VP8 frame tag, key or inter."""
+    packets = frame(first_seq, ts, count)
+    packets[0]._data = (KEY if key else DELTA) + packets[0]._data  # type: ignore[attr-defined]
+    return packets
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stream(frames: int, keyframe_every: int, seq: int = 65000, packets: int = 4):
+    """(frame index, its packets) at 25 fps, a keyframe every `keyframe_every` frames."""
+    for index in range(frames):
+        yield (
+            index,
+            vp8_frame(
+                seq + index * packets, 1000 + index * 3600, packets, key=index % keyframe_every == 0
+            ),
+        )
+
+
+def test_a_retransmission_in_time_fills_the_gap_and_nothing_is_given_up() -> None:
+    clock = Clock()
+    buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+    released, plis = [], 0
+    held = None
+    for index, packets in stream(10, keyframe_every=100):
         for packet in packets:
+            if index == 3 and packet is packets[1]:
+                held = packet  # lost, then retransmitted 60 ms later
+                continue
             pli, out = buffer.add(packet)
             plis += pli
-            if out is not None:
-                stamps.append(out.timestamp)
-        return stamps, plis
+            released += [out.timestamp] if out else []
+        if index == 4:
+            assert held is not None
+            pli, out = buffer.add(held)
+            plis += pli
+            released += [out.timestamp] if out else []
+        clock.now += 0.04
+    # one frame leaves per packet: the frames held behind the gap follow with the next ones
+    assert released == [1000 + i * 3600 for i in range(len(released))] and len(released) >= 9
+    assert plis == 0 and buffer.skipped == buffer.discarded == 0
 
-    fast, fast_plis = run(LowLatencyJitterBuffer(capacity=32))
-    stock, stock_plis = run(JitterBuffer(capacity=32, is_video=True))
-    assert len(fast) == len(set(fast)) and fast == sorted(fast)
-    assert len(fast) >= len(stock) > 300
-    assert fast_plis > 0 and abs(fast_plis - stock_plis) <= 2
+
+def test_a_gap_never_filled_is_given_up_and_the_decoder_waits_for_a_keyframe() -> None:
+    clock = Clock()
+    buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+    released, plis = [], []
+    for index, packets in stream(40, keyframe_every=20):
+        for packet in packets:
+            if index == 3 and packet is packets[1]:
+                continue  # lost for good
+            pli, out = buffer.add(packet)
+            if pli:
+                plis.append(round(clock.now - 100, 2))
+            if out is not None:
+                released.append(
+                    index
+                    if out.timestamp == 1000 + index * 3600
+                    else (out.timestamp - 1000) // 3600
+                )
+        clock.now += 0.04
+    # frames 0-2, then nothing until the next keyframe (20), then all of them
+    assert released == [0, 1, 2, *range(20, 40)]
+    assert buffer.skipped == 1 and buffer.discarded >= 10
+    # asked for at once when given up (within the wait), again every KEYFRAME_RETRY
+    assert plis and 0.12 + 0.1 <= plis[0] <= 0.12 + 0.4 + 0.05
+    assert all(b - a >= 0.3 - 1e-9 for a, b in itertools.pairwise(plis))
+    assert len(plis) <= 4
+
+
+def test_after_a_dropout_the_buffer_does_not_wait_for_what_was_lost() -> None:
+    """A gap longer than the wait in the stream's own time is given up at once."""
+    clock = Clock()
+    buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+    frames = dict(stream(60, keyframe_every=50))
+    for index in range(10):
+        for packet in frames[index]:
+            buffer.add(packet)
+    clock.now += 1.0  # a dropout: frames 10-34 never arrive, nor does the start of 35
+    pli, out = buffer.add(frames[35][1])
+    assert pli and out is None and buffer.skipped == 1 and buffer.needs_keyframe
+    released = []
+    for index in range(36, 60):
+        for packet in frames[index]:
+            out = buffer.add(packet)[1]
+            released += [(out.timestamp - 1000) // 3600] if out else []
+    assert released == list(range(50, 60))
+
+
+def test_unrecovered_loss_never_hands_on_a_frame_behind_a_gap_before_a_keyframe() -> None:
+    rng = random.Random(3)
+    clock = Clock()
+    buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+    stock = JitterBuffer(capacity=512, is_video=True)
+    lost: set[int] = set()
+    fast_out, stock_out = [], []
+    for index, packets in stream(500, keyframe_every=25, packets=3):
+        for packet in packets:
+            if index > 0 and rng.random() < 0.02:
+                lost.add(index)
+                continue
+            if (out := buffer.add(packet)[1]) is not None:
+                fast_out.append((out.timestamp - 1000) // 3600)
+            if (out := stock.add(packet)[1]) is not None:
+                stock_out.append((out.timestamp - 1000) // 3600)
+        clock.now += 0.04
+    assert fast_out == sorted(set(fast_out))
+    assert not lost & set(fast_out), "a frame that lost a packet was handed on"
+    for index in fast_out:  # every frame handed on has an unbroken chain back to a keyframe
+        key = index - index % 25
+        assert not lost & set(range(key, index + 1)), index
+    assert len(fast_out) > 200
+    assert stock_out[-1] < 500 - 50, "the stock buffer sits on a gap until it overflows"
+
+
+def test_the_nack_generator_asks_again_each_round_trip_then_gives_up() -> None:
+    clock = Clock()
+    nacks = RepeatingNackGenerator(clock=clock)
+    asked: list[tuple[float, list[int]]] = []
+
+    def add(seq: int, ts: int) -> None:
+        if nacks.add(rtp(seq, ts)):
+            asked.append((round(clock.now - 100, 3), list(nacks.missing)))
+
+    add(10, 0)
+    add(13, 3600)  # 11 and 12 missing
+    for step in range(1, 30):
+        clock.now += 0.02
+        add(13 + step, 3600 + step * 720)
+    assert asked[0] == (0.0, [11, 12])
+    times = [at for at, _ in asked]
+    assert all(abs((b - a) - 0.1) < 0.021 for a, b in itertools.pairwise(times)), times
+    assert times[-1] <= 0.3 + 0.02, "not asked for past the wait (3 round trips)"
+    assert nacks.asked == 2 * len(asked)
+
+
+def test_the_nack_generator_learns_the_round_trip_and_skips_a_dropout() -> None:
+    clock = Clock()
+    nacks = RepeatingNackGenerator(clock=clock)
+    ts = 0
+    for gap in range(20):  # each gap's packet comes back 30 ms after it was asked for
+        seq = 100 + gap * 3
+        nacks.add(rtp(seq, ts))
+        assert nacks.add(rtp(seq + 2, ts + 720)) and nacks.missing == [seq + 1]
+        clock.now += 0.03
+        nacks.add(rtp(seq + 1, ts))
+        ts += 1440
+    assert nacks.recovered == 20 and abs(nacks.rtt - 0.03) < 0.005
+    # a second of stream time lost (a dropout): too old to ask for
+    assert not nacks.add(rtp(1000, ts + 90_000))
+
+
+def test_keyframes_are_told_apart_in_vp8_and_h264() -> None:
+    from aiortc.codecs import get_encoder
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    image = VideoFrame.from_ndarray(np.zeros((240, 320, 3), np.uint8), format="rgb24")
+    image.pts, image.time_base = 0, fractions.Fraction(1, 90000)
+    for mime, depayload in (("video/VP8", "vpx"), ("video/H264", "h264")):
+        codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000, payloadType=96)
+        encoder = get_encoder(codec)
+        frames = []
+        for index in range(3):
+            image.pts = index * 3000
+            payloads, _ = encoder.encode(image, force_keyframe=index == 0)
+            module = __import__(f"aiortc.codecs.{depayload}", fromlist=["x"])
+            descriptor = (
+                module.VpxPayloadDescriptor
+                if depayload == "vpx"
+                else (module.H264PayloadDescriptor)
+            )
+            frames.append(b"".join(descriptor.parse(p)[1] for p in payloads))
+        assert [is_keyframe(data) for data in frames] == [True, False, False], mime
+        assert not is_keyframe(frames[0][7:]), "a keyframe missing its start is no keyframe"
 
 
 def test_audio_is_released_one_packet_later_not_four() -> None:

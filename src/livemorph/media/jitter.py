@@ -12,25 +12,158 @@ it, and the client hears the avatar's voice back through another: 160 ms of a ro
 and an avatar whose mouth (drawn from what the server heard, sent at once) runs 30-40 ms
 ahead of its voice at an aiortc client (bench/avatar.py). `AUDIO_PREFETCH` packets (one:
 20 ms, the wait for the next packet that aiortc's buffer always has) is what we keep.
+
+**Loss** (issue: a session froze for seconds on a lossy link). aiortc's buffer waits for a
+missing packet until 512 newer ones have come (2.5-5 s of 720p video) and its receiver asks
+for a missing packet once: a lost NACK or a lost retransmission froze the picture for that
+long, then fed the decoder frames whose references were gone. Here, as libwebrtc does:
+
+- `RepeatingNackGenerator` asks again for a packet still missing after about a round trip
+  (measured from its own NACKs to the retransmissions they bring), up to `MAX_NACKS` times,
+  and never for one too old to be waited for;
+- `LowLatencyJitterBuffer` waits for a missing packet only while it can still help (about
+  three round trips, `WAIT_RTTS`, within `MIN_WAIT`..`MAX_WAIT`, and not at all for a gap
+  longer than that in the stream's own time, as after a dropout), then gives the broken
+  frames up, asks for a keyframe (PLI) and hands on nothing until one comes, asking again
+  every `KEYFRAME_RETRY` seconds: the decoder never sees a frame whose reference is gone.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.rtp import RtpPacket
-from aiortc.utils import uint16_add
+from aiortc.rtcrtpreceiver import NackGenerator
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from aiortc.utils import uint16_add, uint16_gt
 
 logger = logging.getLogger(__name__)
 
-# aiortc keeps the buffer in a name-mangled private attribute; we check it before swapping.
+# aiortc keeps these in name-mangled private attributes; we check them before swapping.
 _ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
+_NACK_ATTRIBUTE = "_RTCRtpReceiver__nack_generator"
 _VIDEO_CAPACITY = 512  # what aiortc uses for video
 #: Audio packets held before one is released (aiortc: 4).
 AUDIO_PREFETCH = 1
 _warned = False
+
+#: The round trip assumed before one is measured (libwebrtc's default too), seconds.
+DEFAULT_RTT = 0.1
+#: Times one missing packet is asked for, at most.
+MAX_NACKS = 10
+#: The frame at the head waits for a missing packet this many round trips...
+WAIT_RTTS = 3.0
+#: ...but at least and at most this long, seconds.
+MIN_WAIT = 0.1
+MAX_WAIT = 0.4
+#: While no keyframe has come since one was asked for, ask again this often, seconds.
+KEYFRAME_RETRY = 0.3
+#: Past this long without a keyframe, frames are handed on anyway (a codec whose keyframes
+#: this module cannot tell: its decoder's errors still ask for one), seconds.
+KEYFRAME_GIVE_UP = 3.0
+#: RTP clock rate of video (VP8, H.264).
+VIDEO_CLOCK = 90_000
+
+Clock = Callable[[], float]
+
+
+def is_keyframe(data: bytes) -> bool:
+    """Whether a depayloaded frame (as aiortc's VP8 or H.264 depayloader gives it) is a
+    keyframe: a VP8 key frame (its P bit clear and the start code 9d 01 2a), or H.264
+    holding an IDR slice. A frame whose first packet was lost is neither."""
+    if data[:4] == b"\x00\x00\x00\x01":
+        position = 0
+        while (position := data.find(b"\x00\x00\x01", position)) != -1:
+            position += 3
+            if position < len(data) and data[position] & 0x1F == 5:
+                return True
+        return False
+    return len(data) >= 6 and not data[0] & 0x01 and data[3:6] == b"\x9d\x01\x2a"
+
+
+@dataclass
+class _Lost:
+    #: When the gap holding it was seen, when it was last asked for, how many times.
+    seen: float
+    asked: float
+    nacks: int
+
+
+class RepeatingNackGenerator(NackGenerator):
+    """aiortc's NACK generator, but a packet still missing a round trip after it was asked
+    for is asked for again (up to `MAX_NACKS` times), and one missing longer than it can
+    be waited for (`give_up`, or a gap longer than that in RTP time) is not asked for.
+
+    aiortc's receiver sends a NACK listing `missing` whenever `add` answers True: here that
+    is the packets due now, first asks and repeats together, in one NACK."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        # not NackGenerator.__init__: `missing` is a property here
+        self.max_seq: int | None = None
+        self._clock = clock
+        self._lost: dict[int, _Lost] = {}
+        self._due: list[int] = []
+        self._max_timestamp = 0
+        #: Seconds from a NACK to the retransmission it brought (running mean).
+        self.rtt = DEFAULT_RTT
+        #: NACKed packets asked for, in all; of them, how many came.
+        self.asked = 0
+        self.recovered = 0
+
+    @property
+    def missing(self) -> list[int]:  # type: ignore[override]
+        return self._due
+
+    @property
+    def give_up(self) -> float:
+        return wait_for(self.rtt)
+
+    def add(self, packet: RtpPacket) -> bool:
+        now = self._clock()
+        seq = packet.sequence_number
+        due: list[int] = []
+        if self.max_seq is None:
+            self.max_seq, self._max_timestamp = seq, packet.timestamp
+            return False
+        if uint16_gt(seq, self.max_seq):
+            span = (packet.timestamp - self._max_timestamp) % (1 << 32) / VIDEO_CLOCK
+            if span <= self.give_up:  # else too old to wait for: the buffer skips them
+                missing = uint16_add(self.max_seq, 1)
+                while uint16_gt(seq, missing):
+                    self._lost[missing] = _Lost(now, now, 1)
+                    due.append(missing)
+                    missing = uint16_add(missing, 1)
+            self.max_seq, self._max_timestamp = seq, packet.timestamp
+        elif (lost := self._lost.pop(seq, None)) is not None:
+            self.recovered += 1
+            sample = now - lost.asked
+            self.rtt = max(0.005, 0.8 * self.rtt + 0.2 * sample)
+        oldest = uint16_add(self.max_seq, -RTP_HISTORY_SIZE)
+        for missing, lost in list(self._lost.items()):
+            if (
+                now - lost.seen > self.give_up
+                or lost.nacks >= MAX_NACKS
+                or uint16_gt(oldest, missing)
+            ):
+                del self._lost[missing]
+            elif lost.asked < now and now - lost.asked >= self.rtt:
+                lost.asked, lost.nacks = now, lost.nacks + 1
+                due.append(missing)
+        self.asked += len(due)
+        self._due = sorted(due)
+        return bool(due)
+
+    def truncate(self) -> None:
+        """aiortc's bound on what is tracked; `add` keeps its own."""
+
+
+def wait_for(rtt: float) -> float:
+    """How long a missing packet is waited for, given the round trip."""
+    return min(MAX_WAIT, max(MIN_WAIT, WAIT_RTTS * rtt))
 
 
 class LowLatencyJitterBuffer(JitterBuffer):
@@ -46,9 +179,106 @@ class LowLatencyJitterBuffer(JitterBuffer):
     packet: a frame completed behind a just-filled gap leaves with the next packet.
     """
 
-    def __init__(self, capacity: int = _VIDEO_CAPACITY) -> None:
+    def __init__(
+        self,
+        capacity: int = _VIDEO_CAPACITY,
+        clock: Clock = time.monotonic,
+        rtt: Callable[[], float] = lambda: DEFAULT_RTT,
+    ) -> None:
         super().__init__(capacity=capacity, is_video=True)
         self._released: int | None = None  # RTP timestamp of the last frame handed on
+        self._clock = clock
+        #: The round trip, from the receiver's NACK generator once it is linked.
+        self.rtt = rtt
+        self._newest: RtpPacket | None = None
+        self._blocked_since: float | None = None
+        #: Whether the decoder needs a keyframe: frames are given up until one comes.
+        self.needs_keyframe = False
+        self._asked_at = -1e9
+        self._broken_since = 0.0
+        #: Gaps given up, frames not handed on for want of a keyframe, keyframes asked for.
+        self.skipped = 0
+        self.discarded = 0
+        self.keyframes_asked = 0
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        if self._newest is None or uint16_gt(packet.sequence_number, self._newest.sequence_number):
+            self._newest = packet
+        pli, frame = super().add(packet)
+        now = self._clock()
+        if pli:  # aiortc resynced (capacity, a jump in sequence numbers): the chain broke
+            self._break(now)
+            self._asked_at = now
+            self.keyframes_asked += 1
+        if frame is None and self._stalled(now):
+            self._skip_gap()
+            self._break(now)
+            frame = self._remove_frame(packet.sequence_number)
+        if frame is not None:
+            self._blocked_since = None
+            if self.needs_keyframe:
+                if is_keyframe(frame.data) or now - self._broken_since > KEYFRAME_GIVE_UP:
+                    self.needs_keyframe = False
+                else:
+                    self.discarded += 1
+                    frame = None
+        if self.needs_keyframe and now - self._asked_at >= KEYFRAME_RETRY:
+            self._asked_at = now
+            self.keyframes_asked += 1
+            pli = True
+        return pli, frame
+
+    def _break(self, now: float) -> None:
+        if not self.needs_keyframe:
+            self.needs_keyframe, self._broken_since = True, now
+
+    def _stalled(self, now: float) -> bool:
+        """Whether the frame at the head waits for a missing packet past what can help."""
+        gap = self._gap()
+        if gap is None:
+            self._blocked_since = None
+            return False
+        if self._blocked_since is None:
+            self._blocked_since = now
+        waited = now - self._blocked_since
+        head = self._packets[self._origin % self.capacity] if self._origin is not None else None
+        reference = head.timestamp if head is not None else self._released
+        newest = self._newest
+        span = (
+            (newest.timestamp - reference) % (1 << 32) / VIDEO_CLOCK
+            if newest is not None and reference is not None
+            else 0.0
+        )
+        return max(waited, span) > wait_for(self.rtt())
+
+    def _gap(self) -> int | None:
+        """Packets from the origin to the first missing one, when a newer packet than the
+        missing one is in (a gap, not packets still on their way); else None."""
+        if self._origin is None or self._newest is None:
+            return None
+        newest = self._newest.sequence_number
+        for count in range(self.capacity):
+            expected = uint16_add(self._origin, count)
+            packet = self._packets[expected % self.capacity]
+            if packet is None or packet.sequence_number != expected:
+                return count if uint16_gt(newest, expected) else None
+            if expected == newest:
+                return None
+        return None
+
+    def _skip_gap(self) -> None:
+        """Give up the packets before the first gap and the gap itself: the origin moves to
+        the first packet in after it."""
+        count = self._gap()
+        if count is None or self._newest is None:
+            return
+        self.skipped += 1
+        self.remove(count)
+        newest = self._newest.sequence_number
+        while (origin := self._origin) is not None and origin != newest:
+            if self._packets[origin % self.capacity] is not None:
+                break
+            self.remove(1)
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         self._drop_released()
@@ -122,7 +352,15 @@ def install_low_latency_jitter_buffer(receiver: RTCRtpReceiver) -> bool:
     if current._origin is not None:
         _warn_once("receiver already got RTP packets; low-latency jitter buffer installed too late")
         return False
-    setattr(receiver, _ATTRIBUTE, LowLatencyJitterBuffer(capacity=current.capacity))
+    buffer = LowLatencyJitterBuffer(capacity=current.capacity)
+    nacks = getattr(receiver, _NACK_ATTRIBUTE, None)
+    if type(nacks) is NackGenerator and nacks.max_seq is None:
+        generator = RepeatingNackGenerator()
+        setattr(receiver, _NACK_ATTRIBUTE, generator)
+        buffer.rtt = lambda: generator.rtt
+    elif not isinstance(nacks, RepeatingNackGenerator):
+        _warn_once("aiortc receiver internals changed (%r); keeping its NACKs", nacks)
+    setattr(receiver, _ATTRIBUTE, buffer)
     return True
 
 
