@@ -50,10 +50,12 @@ from tests.media import FrameSink, SceneTrack, photo
 from tests.support import eventually
 
 
-def frame(index: int, width: int = 320, height: int = 176) -> av.VideoFrame:
+def frame(index: int, width: int = 320, height: int = 176, step: int = 36_000) -> av.VideoFrame:
+    """Frame `index` of a moving picture, `step` 90 kHz ticks apart: 0.4 s by default, so
+    that each keyframe asked for here is past KEYFRAME_INTERVAL (tested on its own)."""
     rgb = np.roll(photo(width, height), index * 4, axis=1)
     out = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-    out.pts, out.time_base = index * 3600, fractions.Fraction(1, 90_000)
+    out.pts, out.time_base = index * step, fractions.Fraction(1, 90_000)
     return out
 
 
@@ -454,3 +456,15 @@ async def test_switched_off_each_sender_encodes_for_itself(live, monkeypatch) ->
     finally:
         await output.close()
         await rt.disconnect()
+
+
+def test_keyframes_asked_for_sooner_than_the_interval_wait_for_it() -> None:
+    """A client asking again and again (a PLI a frame) gets a keyframe every
+    KEYFRAME_INTERVAL of the stream's time, not one a frame."""
+    shared = SharedVp8Encoder()
+    handle = shared.attach()
+    keys = []
+    for index in range(25):  # one second of frames 40 ms apart, every one asking
+        keys.append(is_keyframe(handle.encode(frame(index, step=3600), force_keyframe=True)[0]))
+    assert keys[0] and sum(keys) == 4, keys  # at 0, 0.32, 0.64 and 0.96 s
+    assert shared.keyframes == 4

@@ -31,17 +31,22 @@ to that on every join (measured: from 0.75 Mbit/s to 0.5, and 16 s to climb back
 keyframe every 2-4 s); a new viewer's first estimate is taken from what it receives, so it
 starts near the rate the others get.
 
+Keyframes made on request are at least `KEYFRAME_INTERVAL` apart in the stream's time: a
+request that comes sooner is served by the first frame encoded once the interval has passed.
+
 Threads: aiortc's senders call `encode` in the loop's default executor. The encode runs
 under a lock; a sender asking for a frame being encoded waits for it on that lock.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -54,6 +59,12 @@ from .encoder import RealtimeVp8Encoder
 
 #: Seconds the shared bitrate stays put after a change.
 BITRATE_HOLD = 2.0
+#: The least time between two keyframes made on request, seconds: requests that come
+#: sooner (a receiver asking again while its keyframe is on the way, several viewers, a
+#: client flooding PLIs) are served by the next keyframe at this interval, as libwebrtc
+#: spaces them. A keyframe is several times a frame's size; on a lossy link one per
+#: request would turn loss into congestion.
+KEYFRAME_INTERVAL = 0.3
 #: Encoded frames remembered for senders still asking for one: a sender woken by the same
 #: relay frame as the others but scheduled after the first went on to the next frame.
 HISTORY = 3
@@ -117,8 +128,10 @@ class SenderEncoder(Encoder):
 class SharedVp8Encoder:
     """The VP8 encoder of one output track, for all the senders attached to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
+        self._last_keyframe = -math.inf
         self._encoder = RealtimeVp8Encoder()
         self._history: deque[_Encoded] = deque(maxlen=HISTORY)
         self._next_index = 0
@@ -166,7 +179,10 @@ class SharedVp8Encoder:
                     # Others went past this frame: encoding it now would make their next
                     # frame predicted from one they never had.
                     return self._skip(handle)
-                keyframe = force_keyframe or self._keyframe_due or not handle.synced
+                wanted = force_keyframe or self._keyframe_due or not handle.synced
+                keyframe = wanted and self._keyframe_allowed(_seconds(frame))
+                if wanted and not keyframe:
+                    self._keyframe_due = True  # at the interval's end
                 entry = self._encode(frame, keyframe)
             elif force_keyframe and not entry.keyframe:
                 self._keyframe_due = True  # this one is encoded already: the next, then
@@ -216,7 +232,15 @@ class SharedVp8Encoder:
         if entry.keyframe:
             self.keyframes += 1
             self._keyframe_due = False
+            self._last_keyframe = time if time is not None else self._clock()
         return entry
+
+    def _keyframe_allowed(self, time: float | None) -> bool:
+        """Whether a keyframe may be made for a frame at `time` (the stream's own clock,
+        the wall's for a frame without one): `KEYFRAME_INTERVAL` after the last, or after a
+        jump back in time (a new source)."""
+        now = time if time is not None else self._clock()
+        return not 0.0 <= now - self._last_keyframe < KEYFRAME_INTERVAL
 
     def _follow_bitrate(self) -> None:
         with self._handles_lock:
