@@ -8,6 +8,7 @@ import itertools
 import random
 
 import numpy as np
+import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, VideoStreamTrack
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
@@ -479,3 +480,15 @@ def test_short_audio_prefetch_goes_on_audio_receivers_only() -> None:
     FakeTrack.kind = "video"
     setattr(receiver, ATTRIBUTE, JitterBuffer(capacity=512, is_video=True))
     assert install_short_audio_prefetch(receiver) is False  # type: ignore[arg-type]
+
+
+def test_a_retransmission_after_a_repeated_nack_does_not_shrink_the_round_trip() -> None:
+    clock = Clock()
+    nacks = RepeatingNackGenerator(clock=clock)
+    nacks.add(rtp(1, 0))
+    assert nacks.add(rtp(3, 720)) and nacks.missing == [2]
+    clock.now += 0.11
+    assert nacks.add(rtp(4, 1440)) and nacks.missing == [2], "asked again"
+    clock.now += 0.005  # the first NACK's answer, just after the second NACK
+    nacks.add(rtp(2, 720))
+    assert nacks.recovered == 1 and nacks.rtt == pytest.approx(0.1), "no sample taken"

@@ -53,6 +53,8 @@ _warned = False
 
 #: The round trip assumed before one is measured (libwebrtc's default too), seconds.
 DEFAULT_RTT = 0.1
+#: The least round trip assumed, whatever is measured, seconds.
+MIN_RTT = 0.01
 #: Times one missing packet is asked for, at most.
 MAX_NACKS = 10
 #: The frame at the head waits for a missing packet this many round trips...
@@ -96,7 +98,9 @@ class _Lost:
 class RepeatingNackGenerator(NackGenerator):
     """aiortc's NACK generator, but a packet still missing a round trip after it was asked
     for is asked for again (up to `MAX_NACKS` times), and one missing longer than it can
-    be waited for (`give_up`, or a gap longer than that in RTP time) is not asked for.
+    be waited for (`give_up`, or a gap longer than that in RTP time) is not asked for. The
+    round trip is measured from packets that came after one NACK (not after a repeat, which
+    would credit a later NACK with the first one's answer and shrink it).
 
     aiortc's receiver sends a NACK listing `missing` whenever `add` answers True: here that
     is the packets due now, first asks and repeats together, in one NACK."""
@@ -140,8 +144,8 @@ class RepeatingNackGenerator(NackGenerator):
             self.max_seq, self._max_timestamp = seq, packet.timestamp
         elif (lost := self._lost.pop(seq, None)) is not None:
             self.recovered += 1
-            sample = now - lost.asked
-            self.rtt = max(0.005, 0.8 * self.rtt + 0.2 * sample)
+            if lost.nacks == 1:  # Karn: after a repeat, which NACK it answers is unknown
+                self.rtt = max(MIN_RTT, 0.8 * self.rtt + 0.2 * (now - lost.asked))
         oldest = uint16_add(self.max_seq, -RTP_HISTORY_SIZE)
         for missing, lost in list(self._lost.items()):
             if (
