@@ -337,23 +337,37 @@ def test_a_gap_never_filled_is_given_up_and_the_decoder_waits_for_a_keyframe() -
     assert len(plis) <= 4
 
 
-def test_after_a_dropout_the_buffer_does_not_wait_for_what_was_lost() -> None:
-    """A gap longer than the wait in the stream's own time is given up at once."""
-    clock = Clock()
-    buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+def test_after_a_dropout_a_keyframe_is_asked_for_at_once_and_the_first_to_come_wins() -> None:
+    """A gap longer in the stream's time than the wait: a keyframe is asked for at once,
+    and the frames resume from whichever comes first, the resent packets or a keyframe."""
     frames = dict(stream(60, keyframe_every=50))
-    for index in range(10):
-        for packet in frames[index]:
-            buffer.add(packet)
-    clock.now += 1.0  # a dropout: frames 10-34 never arrive, nor does the start of 35
-    pli, out = buffer.add(frames[35][1])
-    assert pli and out is None and buffer.skipped == 1 and buffer.needs_keyframe
-    released = []
-    for index in range(36, 60):
-        for packet in frames[index]:
-            out = buffer.add(packet)[1]
-            released += [(out.timestamp - 1000) // 3600] if out else []
-    assert released == list(range(50, 60))
+    for resent in (False, True):
+        clock = Clock()
+        buffer = LowLatencyJitterBuffer(capacity=512, clock=clock)
+        for index in range(10):
+            for packet in frames[index]:
+                buffer.add(packet)
+        clock.now += 1.0  # a dropout: frames 10-34 and the start of 35 lost
+        pli, out = buffer.add(frames[35][1])
+        assert pli and out is None and buffer.skipped == 0, "asked at once, nothing skipped"
+        for packet in frames[35][2:]:
+            assert buffer.add(packet) == (False, None)
+        released = []
+        if resent:  # the sender had them all: resent within a round trip, in order
+            clock.now += 0.08
+            for index in range(10, 36):
+                for packet in frames[index][: 1 if index == 35 else None]:
+                    out = buffer.add(packet)[1]
+                    released += [(out.timestamp - 1000) // 3600] if out else []
+        for index in range(36, 60):
+            for packet in frames[index]:
+                out = buffer.add(packet)[1]
+                released += [(out.timestamp - 1000) // 3600] if out else []
+        if resent:
+            assert released == list(range(10, len(released) + 10)) and len(released) > 40
+            assert buffer.skipped == 0 and not buffer.needs_keyframe
+        else:  # the keyframe (50) came first: straight to it, nothing waits longer
+            assert released == list(range(50, 60)) and buffer.skipped == 1
 
 
 def test_unrecovered_loss_never_hands_on_a_frame_behind_a_gap_before_a_keyframe() -> None:

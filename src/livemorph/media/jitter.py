@@ -55,6 +55,10 @@ _warned = False
 DEFAULT_RTT = 0.1
 #: The least round trip assumed, whatever is measured, seconds.
 MIN_RTT = 0.01
+#: A gap of more packets than this is not asked for (a keyframe is): a sender keeps a
+#: second or so of packets to resend (aiortc 128, libwebrtc more), and a dropout's worth
+#: comes back faster than a keyframe from a paced sender, when it comes at all.
+MAX_GAP_NACK = 300
 #: Times one missing packet is asked for, at most.
 MAX_NACKS = 10
 #: The frame at the head waits for a missing packet this many round trips...
@@ -98,7 +102,7 @@ class _Lost:
 class RepeatingNackGenerator(NackGenerator):
     """aiortc's NACK generator, but a packet still missing a round trip after it was asked
     for is asked for again (up to `MAX_NACKS` times), and one missing longer than it can
-    be waited for (`give_up`, or a gap longer than that in RTP time) is not asked for. The
+    be waited for (`give_up`), or in a gap of more than `MAX_GAP_NACK`, is not. The
     round trip is measured from packets that came after one NACK (not after a repeat, which
     would credit a later NACK with the first one's answer and shrink it).
 
@@ -134,8 +138,7 @@ class RepeatingNackGenerator(NackGenerator):
             self.max_seq, self._max_timestamp = seq, packet.timestamp
             return False
         if uint16_gt(seq, self.max_seq):
-            span = (packet.timestamp - self._max_timestamp) % (1 << 32) / VIDEO_CLOCK
-            if span <= self.give_up:  # else too old to wait for: the buffer skips them
+            if uint16_add(seq, -self.max_seq) - 1 <= MAX_GAP_NACK:  # else: a keyframe
                 missing = uint16_add(self.max_seq, 1)
                 while uint16_gt(seq, missing):
                     self._lost[missing] = _Lost(now, now, 1)
@@ -214,10 +217,21 @@ class LowLatencyJitterBuffer(JitterBuffer):
             self._break(now)
             self._asked_at = now
             self.keyframes_asked += 1
-        if frame is None and self._stalled(now):
-            self._skip_gap()
-            self._break(now)
-            frame = self._remove_frame(packet.sequence_number)
+        if frame is None and (stalled := self._stalled(now)) is not None:
+            keyframe = self._keyframe_after_gap()
+            if keyframe is not None:  # nothing before it is needed any more
+                self._skip_to(keyframe)
+                frame = self._remove_frame(packet.sequence_number)
+            elif stalled:
+                self._skip_gap()
+                self._break(now)
+                frame = self._remove_frame(packet.sequence_number)
+            elif self._long_gap() and now - self._asked_at >= KEYFRAME_RETRY:
+                # a dropout's worth: ask for a keyframe now, and take whichever comes
+                # first, the resent packets or the keyframe
+                self._asked_at = now
+                self.keyframes_asked += 1
+                pli = True
         if frame is not None:
             self._blocked_since = None
             if self.needs_keyframe:
@@ -236,24 +250,56 @@ class LowLatencyJitterBuffer(JitterBuffer):
         if not self.needs_keyframe:
             self.needs_keyframe, self._broken_since = True, now
 
-    def _stalled(self, now: float) -> bool:
-        """Whether the frame at the head waits for a missing packet past what can help."""
-        gap = self._gap()
-        if gap is None:
+    def _stalled(self, now: float) -> bool | None:
+        """None when the frame at the head waits for no missing packet; else whether it has
+        waited past what can help (`wait_for` the round trip, from when the gap was seen)."""
+        if self._gap() is None:
             self._blocked_since = None
-            return False
+            return None
         if self._blocked_since is None:
             self._blocked_since = now
-        waited = now - self._blocked_since
+        return now - self._blocked_since > wait_for(self.rtt())
+
+    def _long_gap(self) -> bool:
+        """Whether the packets after the gap are further ahead in the stream's time than a
+        missing packet is waited for (a dropout): the packets may come back, or may not."""
         head = self._packets[self._origin % self.capacity] if self._origin is not None else None
         reference = head.timestamp if head is not None else self._released
-        newest = self._newest
-        span = (
-            (newest.timestamp - reference) % (1 << 32) / VIDEO_CLOCK
-            if newest is not None and reference is not None
-            else 0.0
-        )
-        return max(waited, span) > wait_for(self.rtt())
+        if self._newest is None or reference is None:
+            return False
+        span = (self._newest.timestamp - reference) % (1 << 32) / VIDEO_CLOCK
+        return span > wait_for(self.rtt())
+
+    def _keyframe_after_gap(self) -> int | None:
+        """The sequence number of the first packet of a keyframe that is in whole after the
+        gap at the head (its packets contiguous through its marker), if any."""
+        if self._origin is None or self._newest is None:
+            return None
+        newest = self._newest.sequence_number
+        start: int | None = None
+        seen_gap = False
+        for count in range(self.capacity):
+            expected = uint16_add(self._origin, count)
+            packet = self._packets[expected % self.capacity]
+            present = packet is not None and packet.sequence_number == expected
+            if not present:
+                seen_gap, start = True, None
+            elif seen_gap:
+                assert packet is not None
+                if start is None and is_keyframe(packet._data):  # type: ignore[attr-defined]
+                    start = expected
+                if start is not None and packet.marker:
+                    return start
+            if expected == newest:
+                return None
+        return None
+
+    def _skip_to(self, sequence_number: int) -> None:
+        """Drop every packet before `sequence_number`, a keyframe's first."""
+        self.skipped += 1
+        while self._origin is not None and self._origin != sequence_number:
+            self.remove(1)
+        self.needs_keyframe = False
 
     def _gap(self) -> int | None:
         """Packets from the origin to the first missing one, when a newer packet than the
