@@ -1,0 +1,185 @@
+"""Batch jobs survive what servers go through, with real `livemorph serve` processes: a node
+killed (SIGKILL) mid-job and started again, and a cluster (PostgreSQL, redis-server, one
+shared jobs folder) whose nodes share the queue and take over a killed node's job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+
+from livemorph.testing import LiveServer, start_server, stop_server
+from tests.postgres import PostgresServer
+from tests.redis_server import RedisServer, redis_server
+from tests.test_cluster import ADMIN, cluster_of
+from tests.test_transform import make_clip
+
+pytestmark = pytest.mark.slow
+
+#: 60 ms of engine time a frame: a 3 s clip at 25 fps takes about 4.5 s, long enough to
+#: kill the server in the middle of it.
+SLOW_ENGINE = ("--engine", "sleep:60")
+
+
+def submit(node: LiveServer, key: str, clip: Path) -> str:
+    response = httpx.post(
+        f"{node.base_url}/v1/jobs/lucy-restyle-2",
+        headers={"X-API-KEY": key},
+        files={"data": ("clip.mp4", clip.read_bytes(), "video/mp4")},
+        data={"prompt": "anime"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["job_id"])
+
+
+def status(node: LiveServer, key: str, job_id: str) -> dict:
+    response = httpx.get(f"{node.base_url}/v1/jobs/{job_id}", headers={"X-API-KEY": key})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_for(node: LiveServer, key: str, job_id: str, *states: str, within: float = 90) -> dict:
+    deadline = time.monotonic() + within
+    while (body := status(node, key, job_id))["status"] not in states:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    return body
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that still run (Linux)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def seconds_of(path: Path) -> float:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.duration is not None and stream.time_base is not None
+        return float(stream.duration * stream.time_base)
+
+
+def usage_seconds(node: LiveServer, key: str) -> int:
+    response = httpx.get(f"{node.base_url}/v1/usage", headers={"X-API-KEY": key})
+    assert response.status_code == 200, response.text
+    return int(response.json()["totalSeconds"])
+
+
+def test_a_job_killed_with_its_server_runs_again_at_restart_and_is_charged_once(
+    tmp_path: Path,
+) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", seconds=3.0, size=(160, 120))
+    data = tmp_path / "node"
+    node = start_server(data, *SLOW_ENGINE)
+    key = node.api_key
+    try:
+        job_id = submit(node, key, clip)
+        body = wait_for(node, key, job_id, "processing", "completed", "failed")
+        assert body["status"] == "processing", body
+        deadline = time.monotonic() + 30
+        while not (job_processes := children(node.process.pid)):
+            assert time.monotonic() < deadline, "no job process"
+            time.sleep(0.05)
+        os.kill(node.process.pid, signal.SIGKILL)
+        node.process.wait(timeout=10)
+        # the job's process dies with its server, not left writing the job's files
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in job_processes):
+            assert time.monotonic() < deadline, "the job's process outlived its server"
+            time.sleep(0.05)
+    finally:
+        if node.process.poll() is None:
+            stop_server(node)
+    restarted = start_server(data, *SLOW_ENGINE)
+    try:
+        body = wait_for(restarted, key, job_id, "completed", "failed")
+        assert body == {"job_id": job_id, "status": "completed"}, body
+        content = httpx.get(
+            f"{restarted.base_url}/v1/jobs/{job_id}/content", headers={"X-API-KEY": key}
+        )
+        assert content.status_code == 200
+        out = tmp_path / "out.mp4"
+        out.write_bytes(content.content)
+        assert seconds_of(out) == pytest.approx(seconds_of(clip), abs=0.1)
+        assert usage_seconds(restarted, key) == 3, "charged once, for 3 s of video"
+        assert "job" in restarted.log
+    finally:
+        stop_server(restarted)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def node_metric(node: LiveServer, series: str) -> float:
+    text = httpx.get(f"{node.base_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)
+    )
+
+
+def test_a_clusters_nodes_share_the_queue_and_finish_a_dead_nodes_job(
+    tmp_path: Path, postgres: PostgresServer, redis: RedisServer
+) -> None:
+    jobs_dir = tmp_path / "shared-jobs"
+    flags = ("--jobs-dir", str(jobs_dir), "--job-lease", "6", "--capacity", "off")
+    with cluster_of(tmp_path / "nodes", postgres, redis, 3, *flags) as cluster:
+        first = cluster.nodes[0]
+        key = cluster.mint_key(credits=600)
+        short = make_clip(tmp_path / "short.mp4", seconds=1.0, size=(160, 120))
+        # (a) six jobs submitted to one node run on several
+        submitted = [submit(first, key, short) for _ in range(6)]
+        for job_id in submitted:
+            assert wait_for(first, key, job_id, "completed", "failed")["status"] == "completed"
+        finished = [
+            node_metric(node, 'livemorph_jobs_finished_total{model="lucy-restyle-2",status=')
+            for node in cluster.nodes
+        ]
+        assert sum(finished) == 6 and sum(1 for count in finished if count) >= 2, finished
+        assert usage_seconds(first, key) == 6
+
+        # (b) a node killed mid-job: another finishes it, after its lease runs out
+        long = make_clip(tmp_path / "long.mp4", seconds=8.0, size=(160, 120))
+        job_id = submit(first, key, long)
+        wait_for(first, key, job_id, "processing")
+        deadline = time.monotonic() + 10
+        while not (
+            running := [n for n in cluster.nodes if node_metric(n, "livemorph_jobs_running")]
+        ):
+            assert time.monotonic() < deadline, "no node says it runs the job"
+            time.sleep(0.1)
+        (victim,) = running
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait(timeout=10)
+        survivors = [node for node in cluster.nodes if node is not victim]
+        body = wait_for(survivors[0], key, job_id, "completed", "failed", within=120)
+        assert body["status"] == "completed", body
+        assert usage_seconds(survivors[0], key) == 6 + 8, "the long job charged once"
+        finished_after = sum(
+            node_metric(node, 'livemorph_jobs_finished_total{model="lucy-restyle-2",status=')
+            for node in survivors
+        )
+        assert finished_after >= 1
+        report = httpx.get(
+            f"{survivors[0].base_url}/v1/cluster", headers={"X-ADMIN-KEY": ADMIN}
+        ).json()
+        assert len(report["nodes"]) == 2
