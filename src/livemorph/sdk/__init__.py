@@ -5,6 +5,7 @@ from . import sources
 from .audio import ClipAudioTrack, decode_audio
 from .client import Client, ClientToken, TokensClient, create_client
 from .images import image_bytes, image_to_base64
+from .jobs import JobsClient, JobStatus
 from .realtime import (
     UNSET,
     AvatarState,
@@ -33,6 +34,8 @@ __all__ = [
     "GenerationEnded",
     "GenerationTick",
     "InitialState",
+    "JobStatus",
+    "JobsClient",
     "Player",
     "PromptState",
     "RealtimeAPI",

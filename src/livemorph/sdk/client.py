@@ -14,6 +14,8 @@ import httpx
 
 from ..errors import ErrorCode, LivemorphError
 from ..models import ModelSpec
+from .images import ImageInput
+from .jobs import JobsClient, edit_image
 from .realtime import USER_AGENT, RealtimeAPI
 
 if TYPE_CHECKING:
@@ -124,6 +126,7 @@ class Client:
         self._sessions: set[_LiveConnection] = set()
         self.tokens = TokensClient(self)
         self.realtime = RealtimeAPI(self)
+        self.jobs = JobsClient(self)
 
     @property
     def api_key(self) -> str:
@@ -159,6 +162,26 @@ class Client:
             raise LivemorphError(
                 "cannot list models: malformed response", ErrorCode.SERVER_ERROR
             ) from None
+
+    async def edit_image(
+        self,
+        model: str,
+        image: ImageInput,
+        *,
+        prompt: str,
+        reference_image: ImageInput | None = None,
+        enhance_prompt: bool = True,
+    ) -> bytes:
+        """Edit one picture (`POST /v1/generate/{model}`, e.g. `lucy-image-2`): the edited
+        picture's bytes, its size, PNG (JPEG for a JPEG)."""
+        return await edit_image(
+            self,
+            model,
+            image,
+            prompt=prompt,
+            reference_image=reference_image,
+            enhance_prompt=enhance_prompt,
+        )
 
     async def aclose(self) -> None:
         """Disconnect every session this client started, then close its HTTP pool."""
