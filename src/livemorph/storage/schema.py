@@ -114,3 +114,22 @@ jobs = Table(
 Index("ix_jobs_status_created", jobs.c.status, jobs.c.created_at)
 Index("ix_jobs_key_created", jobs.c.key_id, jobs.c.created_at)
 Index("ix_jobs_expires_at", jobs.c.expires_at)
+
+# Uploaded files (`/v1/files`): one row per file, its bytes in the jobs directory (the path
+# relative to it), seen only by the key that uploaded it, deleted once `expires_at` passes
+# (NULL: kept until the key deletes it).
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    # The name the client gave it, if any.
+    Column("name", String(255), nullable=True),
+    Column("content_type", String(255), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+)
+
+Index("ix_files_expires_at", files.c.expires_at)
