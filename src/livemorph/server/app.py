@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._version import __version__
 from ..config import Settings, cors_origins
 from ..storage.store import WallClock, utcnow
-from . import admin, generate, jobs, metrics, rest, rtc, stream, web
+from . import admin, files, generate, jobs, metrics, rest, rtc, stream, web
 from .limits import Clock
 from .state import AppState
 
@@ -112,6 +112,7 @@ def create_app(
     app.include_router(rtc.router)
     app.include_router(generate.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
     if state.settings.metrics:
         app.include_router(metrics.router)
     web.install(app, state)
