@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import httpx
+from PIL import Image
+from websockets.asyncio.client import ClientConnection, connect
 
 from livemorph.config import Settings
 from livemorph.server.files import DEFAULT_TTL, sweep_expired
@@ -144,3 +150,61 @@ async def test_uploads_refused_missing_empty_too_large_over_budget(tmp_path: Pat
         assert [p.name for p in root.iterdir()] == [first.json()["id"]]
         unauthorised = await upload(client, base, "nope")
         assert unauthorised.status_code == 401
+
+
+def png(color: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def ack_of(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(message))
+    async with asyncio.timeout(10):
+        while True:
+            reply = json.loads(await ws.recv())
+            if reply["type"] == "set_image_ack":
+                return reply
+
+
+async def test_set_image_takes_an_uploaded_file_by_its_id_as_the_sdk_sends_it(
+    tmp_path: Path,
+) -> None:
+    """@decartai/sdk 0.1.20 sends `{"type": "set_image", "image_ref": "file_..."}` for a
+    string that starts `file_` (realtime/signaling-channel.js); the server reads the file."""
+    settings = Settings(data_dir=tmp_path / "data", engine="grade")
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=30) as client:
+        base, key = server.base_url, server.api_key
+        other, _ = await server.state.store.create_api_key("other")
+        blue = (await upload(client, base, key, content=png((10, 20, 230)))).json()["id"]
+        not_image = (await upload(client, base, key, content=b"hello")).json()["id"]
+        short = (await upload(client, base, key, content=png((1, 2, 3)), ttl_seconds="60")).json()
+        video = (
+            await upload(client, base, key, content=b"\0" * (11 << 20), mime="video/mp4")
+        ).json()["id"]
+        theirs = (await upload(client, base, other, content=png((9, 9, 9)))).json()["id"]
+        url = f"{server.ws_url}/v1/stream?api_key={key}&model=mirage"
+        async with connect(url) as ws:
+            ack = await ack_of(ws, {"type": "set_image", "image_ref": blue, "prompt": "ink"})
+            assert ack["success"] is True, ack
+            (session,) = server.state.sessions.all()
+            image = session.controls.image
+            assert image is not None and image.shape == (64, 64, 3)
+            assert tuple(int(v) for v in image[32, 32]) == (10, 20, 230)
+            assert session.controls.prompt is not None
+
+            for ref, words in (
+                (not_image, "invalid image"),
+                (theirs, "file not found"),
+                ("file_missing", "file not found"),
+                (video, "image too large"),
+            ):
+                ack = await ack_of(ws, {"type": "set_image", "image_ref": ref})
+                assert ack["success"] is False and words in ack["error"], (ref, ack)
+            ack = await ack_of(ws, {"type": "set_image", "image_ref": "not-a-file-id"})
+            assert ack["success"] is False and "image_ref must be a file id" in ack["error"]
+            server.clock.advance(61)
+            ack = await ack_of(ws, {"type": "set_image", "image_ref": short["id"]})
+            assert ack["success"] is False and "file expired" in ack["error"]
+            # the refusals left the first image in place
+            assert tuple(int(v) for v in session.controls.image[32, 32]) == (10, 20, 230)

@@ -38,6 +38,9 @@ FINAL_END_REASONS = frozenset({"insufficient_credits", "max_duration"})
 
 #: Largest decoded reference image a client may send.
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
+#: What every uploaded file's id starts with (`/v1/files`): Decart's SDK sends a string that
+#: does as `set_image`'s `image_ref`, any other as base64 in `image_data`.
+FILE_ID_PREFIX: Final = "file_"
 
 #: Largest WebSocket message either side accepts: a 10 MB image grows by 4/3 in base64,
 #: plus the JSON around it.
@@ -221,7 +224,8 @@ class SetImage(Message):
     """Set or clear the reference image, maybe with a prompt; answered by `set_image_ack`.
 
     On the wire the image is `image_data`, bare base64 of the file; here it is the file's
-    bytes, checked against `MAX_IMAGE_BYTES`.
+    bytes, checked against `MAX_IMAGE_BYTES`. Or it is `image_ref`, the id of a file uploaded
+    to `/v1/files` (`file_...`), whose bytes the server reads itself.
     """
 
     type: ClassVar[str] = "set_image"
@@ -233,10 +237,14 @@ class SetImage(Message):
     enhance_prompt: bool | None = None
     #: `image_data: null` with an explicit `prompt: null`: no transformation at all.
     passthrough: bool = False
+    #: `image_ref`: an uploaded file's id, for the server to read (`image` is None then).
+    image_ref: str | None = None
 
     def body(self) -> dict[str, object]:
         data = None if self.image is None else base64.b64encode(self.image).decode("ascii")
-        body: dict[str, object] = {"image_data": data}
+        body: dict[str, object] = (
+            {"image_ref": self.image_ref} if self.image_ref is not None else {"image_data": data}
+        )
         if self.passthrough:
             body["prompt"] = None
         elif self.prompt is not None:
@@ -255,7 +263,10 @@ class SetImage(Message):
         if data is not None and not isinstance(data, str):
             raise refuse("image_data must be a base64 string or null")
         enhance = fields.flag("enhance_prompt")
-        if data is None and fields.has("prompt") and fields.get("prompt") is None:
+        ref = fields.get("image_ref")
+        if ref is not None and not (isinstance(ref, str) and ref.startswith(FILE_ID_PREFIX)):
+            raise refuse(f"image_ref must be a file id ({FILE_ID_PREFIX}...) from /v1/files")
+        if ref is None and data is None and fields.has("prompt") and fields.get("prompt") is None:
             return cls(None, enhance_prompt=enhance, passthrough=True)
         prompt = None
         if fields.get("prompt") is not None:
@@ -263,6 +274,8 @@ class SetImage(Message):
                 prompt = check_prompt(fields.get("prompt"))
             except ValueError as exc:
                 raise refuse(str(exc)) from None
+        if ref is not None:
+            return cls(None, prompt, enhance, image_ref=ref)
         image = None if data is None else _image_bytes(data, refuse)
         return cls(image, prompt, enhance)
 

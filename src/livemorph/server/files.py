@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from ..protocol import MAX_IMAGE_BYTES
+from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES
 from ..storage import DiskBudgetExceeded, JobFiles
 from ..storage.files import FileStore, StoredFile, new_file_id
 from .jobs import MAX_VIDEO_BYTES
@@ -191,6 +191,25 @@ async def remove(request: Request, file_id: str) -> Response:
         return _not_found(file_id)
     files.delete(stored.id)
     return Response(status_code=204)
+
+
+async def image_file(state: AppState, key_id: str, file_id: str) -> bytes:
+    """The bytes of the key's file `file_id`, for `set_image`'s `image_ref`; ValueError
+    (its text for the client) when the key has no such file, it expired, or it is larger
+    than an image may be."""
+    assert state.job_worker is not None, "the app state is not open"
+    stored = await FileStore(state.store).get(file_id, key_id)
+    if stored is None:
+        raise ValueError(f"file not found: {file_id!r}")
+    if stored.expired(state.store.clock()):
+        raise ValueError(f"file expired: {file_id!r} is no longer kept")
+    if stored.bytes > MAX_IMAGE_BYTES:
+        raise ValueError(IMAGE_TOO_LARGE)
+    path = state.job_worker.files.path(stored.path)
+    try:
+        return await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        raise ValueError(f"file expired: {file_id!r} is no longer kept") from None
 
 
 async def sweep_expired(store: FileStore, files: JobFiles) -> int:

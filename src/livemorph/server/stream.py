@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -58,6 +59,7 @@ from ..sessions.session import (
     hand_ice_servers,
     new_session_id,
 )
+from . import files
 from .cluster import ClusterMember
 from .limits import AT_CAPACITY, CLUSTER_UNAVAILABLE, TOO_MANY_MESSAGES, MessageGate
 from .metrics import (
@@ -296,7 +298,11 @@ async def stream(ws: WebSocket) -> None:
             return LiveKitRoomInfo(url, token, session.id, session.id)
 
         frames = inbox if inbox is not None else channel.messages()
-        loop = _publisher_loop(channel, session, media_refusal, room_info, frames)
+
+        async def image_file(file_id: str) -> bytes:
+            return await files.image_file(state, principal.key_id, file_id)
+
+        loop = _publisher_loop(channel, session, media_refusal, room_info, frames, image_file)
         await _until_either(channel, loop, session.ended)
     finally:
         if inbox is not None:
@@ -397,6 +403,7 @@ async def _publisher_loop(
     media_refusal: Callable[[], str | None] = lambda: None,
     room_info: Callable[[], LiveKitRoomInfo] | None = None,
     frames: AsyncIterable[str | bytes] | None = None,
+    image_file: Callable[[str], Awaitable[bytes]] | None = None,
 ) -> None:
     async for frame in frames if frames is not None else channel.messages():
         try:
@@ -404,7 +411,7 @@ async def _publisher_loop(
             if isinstance(message, Prompt):
                 await channel.send(await _prompt(channel, session, message))
             elif isinstance(message, SetImage):
-                await channel.send(await _set_image(channel, session, message))
+                await channel.send(await _set_image(channel, session, message, image_file))
             elif isinstance(message, Offer | LiveKitJoin):
                 if session.pc is None and (refused := media_refusal()):
                     channel.refused(AT_CAPACITY_REASON)
@@ -434,7 +441,19 @@ async def _prompt(channel: Channel, session: Session, message: Prompt) -> Prompt
     return PromptAck(message.prompt, success=True, enhanced_prompt=enhanced)
 
 
-async def _set_image(channel: Channel, session: Session, message: SetImage) -> SetImageAck:
+async def _set_image(
+    channel: Channel,
+    session: Session,
+    message: SetImage,
+    image_file: Callable[[str], Awaitable[bytes]] | None = None,
+) -> SetImageAck:
+    if message.image_ref is not None:  # an uploaded file's id (/v1/files)
+        if image_file is None:
+            return SetImageAck(success=False, error="image_ref is not served here")
+        try:
+            message = replace(message, image=await image_file(message.image_ref))
+        except ValueError as exc:
+            return SetImageAck(success=False, error=str(exc))
     try:
         if message.passthrough:
             await session.passthrough()

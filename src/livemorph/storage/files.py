@@ -16,11 +16,9 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, select
 
+from ..protocol import FILE_ID_PREFIX
 from .schema import files
 from .store import Store, _aware, _maybe_aware
-
-#: What every file id starts with: Decart's SDK tells a file id from base64 by it.
-FILE_ID_PREFIX = "file_"
 
 
 @dataclass(frozen=True, slots=True)
