@@ -36,6 +36,8 @@ FAILED = "failed"
 
 #: Seconds between two status polls in `wait`.
 POLL_INTERVAL = 1.0
+#: Tries of one status poll while the server cannot be reached (a restart, a blip).
+STATUS_TRIES = 4
 
 VideoInput = bytes | bytearray | memoryview | str | os.PathLike[str] | Readable
 """The video's bytes, a file path, or a binary file object."""
@@ -79,6 +81,11 @@ def _refusal(what: str, response: httpx.Response) -> LivemorphError:
     else:
         code = ErrorCode.SERVER_ERROR
     return LivemorphError(f"{what}: {status} - {text}", code)
+
+
+def _said(exc: Exception) -> str:
+    """An HTTP failure in words (httpx's timeouts have none of their own)."""
+    return str(exc) or type(exc).__name__
 
 
 def _failure(job: JobStatus) -> LivemorphError:
@@ -136,13 +143,19 @@ class JobsClient:
     def _headers(self) -> dict[str, str]:
         return {"X-API-KEY": self._client.api_key}
 
-    async def _get(self, what: str, path: str) -> httpx.Response:
-        try:
-            response = await self._client._http.get(
-                f"{self._client.base_url}{path}", headers=self._headers()
-            )
-        except httpx.HTTPError as exc:
-            raise LivemorphError(f"{what}: {exc}", ErrorCode.SERVER_ERROR) from None
+    async def _get(self, what: str, path: str, tries: int = 1) -> httpx.Response:
+        """GET `path` (up to `tries` times while the server cannot be reached); a refusal
+        raises at once."""
+        for attempt in range(tries):
+            try:
+                response = await self._client._http.get(
+                    f"{self._client.base_url}{path}", headers=self._headers()
+                )
+                break
+            except httpx.TransportError as exc:
+                if attempt + 1 >= tries:
+                    raise LivemorphError(f"{what}: {_said(exc)}", ErrorCode.SERVER_ERROR) from None
+                await asyncio.sleep(POLL_INTERVAL * (attempt + 1))
         if response.status_code != 200:
             raise _refusal(what, response)
         return response
@@ -156,7 +169,7 @@ class JobsClient:
             )
         except httpx.HTTPError as exc:
             raise LivemorphError(
-                f"cannot reach the server: {exc}", ErrorCode.SERVER_ERROR
+                f"cannot reach the server: {_said(exc)}", ErrorCode.SERVER_ERROR
             ) from None
         if response.status_code == 401:
             raise _refusal("cannot look for jobs", response)
@@ -198,7 +211,8 @@ class JobsClient:
                 timeout=httpx.Timeout(30.0, write=None, read=300.0),
             )
         except httpx.HTTPError as exc:
-            raise LivemorphError(f"cannot submit the job: {exc}", ErrorCode.SERVER_ERROR) from None
+            message = f"cannot submit the job: {_said(exc)}"
+            raise LivemorphError(message, ErrorCode.SERVER_ERROR) from None
         finally:
             if upload is not video and not isinstance(upload, bytes):
                 upload.close()
@@ -208,7 +222,9 @@ class JobsClient:
 
     async def status(self, job_id: str) -> JobStatus:
         """The job's status now (`progress` while it runs, where the server says it)."""
-        response = await self._get("cannot get the job's status", f"/v1/jobs/{job_id}")
+        response = await self._get(
+            "cannot get the job's status", f"/v1/jobs/{job_id}", tries=STATUS_TRIES
+        )
         return _status_of(response.json())
 
     async def result(self, job_id: str) -> bytes:
@@ -235,7 +251,7 @@ class JobsClient:
                         async for chunk in response.aiter_bytes(1 << 20):
                             await asyncio.to_thread(out.write, chunk)
                 except httpx.HTTPError as exc:
-                    raise LivemorphError(f"{what}: {exc}", ErrorCode.SERVER_ERROR) from None
+                    raise LivemorphError(f"{what}: {_said(exc)}", ErrorCode.SERVER_ERROR) from None
             os.replace(part, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -312,7 +328,8 @@ async def edit_image(
             timeout=httpx.Timeout(60.0),
         )
     except httpx.HTTPError as exc:
-        raise LivemorphError(f"cannot edit the image: {exc}", ErrorCode.SERVER_ERROR) from None
+        message = f"cannot edit the image: {_said(exc)}"
+        raise LivemorphError(message, ErrorCode.SERVER_ERROR) from None
     if response.status_code != 200:
         raise _refusal("cannot edit the image", response)
     return response.content
