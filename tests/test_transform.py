@@ -305,6 +305,7 @@ def test_through_a_server_in_real_time(clip: Path, tmp_path: Path) -> None:
     out = tmp_path / "served.mp4"
     with serve(tmp_path / "server", "--engine", "grade") as server:
         command = [sys.executable, "-m", "livemorph.cli", "transform", str(clip), str(out)]
+        command += ["--realtime"]  # the server takes jobs, which --server would submit
         result = subprocess.run(
             [*command, "--model", "mirage", "--prompt", "anime", "--server", server.base_url],
             capture_output=True,

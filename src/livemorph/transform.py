@@ -10,11 +10,14 @@ prompt or an image reaches it along the session's own path: the policy's moderat
 its enhancement, then the engine's `configure`. Reading, the engine and writing run on
 their own threads, so decoding and encoding overlap the engine's work.
 
-With `--server` the frames go through a running server's realtime API instead, paced to
-real time (the way to use a GPU node from a laptop); what comes back is written at the
-input's frame timestamps, each slot holding the newest transformed frame the session's
-latency (measured before the clip, `_Latency`) after its input frame left, so the picture
-keeps step with the sound.
+With `--server` the file goes to a running server instead (the way to use a GPU node
+from a laptop). Where the server takes batch jobs (`POST /v1/jobs/{model}`) and one look
+for the whole clip at the input's size will do, it is submitted as a job, its progress
+shown while it runs, and the MP4 the job makes is copied into OUTPUT. Otherwise (or with
+`--realtime`) the frames go through its realtime API, paced to real time; what comes
+back is written at the input's frame timestamps, each slot holding the newest
+transformed frame the session's latency (measured before the clip, `_Latency`) after its
+input frame left, so the picture keeps step with the sound.
 
 Either way OUTPUT keeps the input's frame timestamps (so its duration and frame rate),
 its size unless `--size` says otherwise, and its first audio stream (copied when it is
@@ -974,6 +977,99 @@ async def transform_remote(job: Job, server: str, api_key: str, progress: Progre
     return Result(output.frames, seconds, source.duration, received.latency.seconds)
 
 
+def _as_job(job: Job) -> str | None:
+    """Why a server's job cannot do what `job` asks (None: it can). A job takes one look
+    for the whole clip and keeps the input's size."""
+    if len(job.prompts) > 1 or (job.prompts and job.prompts[0].at > 0):
+        return "a job takes one prompt for the whole clip"
+    if job.size is not None:
+        return "a job keeps the input's size"
+    return None
+
+
+def _remux(downloaded: Path, output: Output) -> int:
+    """The job's MP4, its packets copied into OUTPUT's container (H.264 and AAC fit every
+    one); the video frames written."""
+    frames = 0
+    with av.open(str(downloaded)) as source:
+        streams = {}
+        for stream in (*source.streams.video[:1], *source.streams.audio[:1]):
+            streams[stream.index] = output.container.add_stream_from_template(stream)
+        if source.streams.video and source.streams.video[0].average_rate:
+            # the frame rate, which a matroska file says only when told
+            copy = streams[source.streams.video[0].index]
+            assert isinstance(copy, VideoStream)
+            copy.codec_context.framerate = source.streams.video[0].average_rate
+        for packet in source.demux(*(source.streams[i] for i in streams)):
+            if packet.dts is None:
+                continue  # a demuxer's flush packet
+            if packet.stream.type == "video":
+                frames += 1
+            packet.stream = streams[packet.stream.index]
+            output.container.mux(packet)
+    return frames
+
+
+async def transform_job(job: Job, server: str, api_key: str, progress: Progress) -> Result | None:
+    """The file as a batch job of the server's (`POST /v1/jobs/{model}`), its MP4 written
+    to OUTPUT; None when the server takes no jobs. The job runs on the server at its own
+    pace (no real-time pacing), so the look is the server's engine's, frame for frame."""
+    from .errors import ErrorCode, LivemorphError
+    from .sdk import create_client
+
+    restyle_model(job.model)
+    source = Source.open(job.input)
+    frames, duration = source.frames, source.duration
+    source.close()
+    output = Output.create(job.output)
+    downloaded = output.part.with_name(output.part.name + ".job.mp4")
+    started = time.monotonic()
+    try:
+        async with create_client(api_key=api_key, base_url=server) as client:
+            try:
+                if not await client.jobs.available():
+                    output.abort()
+                    return None
+                submitted = await client.jobs.submit(
+                    job.model,
+                    job.input,
+                    prompt=job.prompts[0].text if job.prompts else None,
+                    reference_image=job.image,
+                    enhance_prompt=job.enhance,
+                )
+                progress.total = frames
+                running = False
+
+                def on_progress(status: Any) -> None:
+                    nonlocal running
+                    if status.status == "processing" and not running:
+                        running = True
+                        progress.restart()
+                    if status.progress is not None and frames:
+                        progress.update(round(status.progress * frames))
+
+                await client.jobs.wait(submitted.job_id, on_progress=on_progress)
+                progress.update(frames or 0)
+                await client.jobs.save(submitted.job_id, downloaded)
+            except LivemorphError as exc:
+                bad = exc.code in (
+                    ErrorCode.INVALID_INPUT,
+                    ErrorCode.MODEL_NOT_FOUND,
+                    ErrorCode.INVALID_API_KEY,
+                )
+                if bad:
+                    raise TransformError(f"{server}: {exc.message}") from None
+                raise
+        written = await asyncio.to_thread(_remux, downloaded, output)
+        output.finish()
+    except BaseException:
+        output.abort()
+        raise
+    finally:
+        downloaded.unlink(missing_ok=True)
+    return Result(written, time.monotonic() - started, duration)
+
+
 async def _dropped(rt: Any) -> None:
     """Returns when the session is over for good (disconnected, not reconnecting)."""
     gone = asyncio.Event()
@@ -1018,7 +1114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         metavar="URL",
-        help="stream the file through this server's realtime API, in real time",
+        help="transform the file on this server: as a batch job where it takes jobs, else "
+        "streamed through its realtime API, in real time",
+    )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="with --server: stream through the realtime API even where the server takes jobs",
     )
     parser.add_argument(
         "--api-key",
@@ -1045,13 +1147,27 @@ def run(args: argparse.Namespace, settings: Settings, stderr: TextIO | None = No
             size=parse_size(args.size) if args.size else None,
         )
         progress = Progress(None, err)
+        if getattr(args, "realtime", False) and not args.server:
+            raise TransformError("--realtime is for --server")
         if args.server:
             key = args.api_key or os.environ.get("LIVEMORPH_API_KEY")
             if not key:
                 raise TransformError("--server needs a key: --api-key or LIVEMORPH_API_KEY")
             if getattr(args, "engine", None) is not None:
                 raise TransformError("--engine is for a local transform; the server has its own")
-            result = asyncio.run(transform_remote(job, args.server, key, progress))
+            realtime = getattr(args, "realtime", False)
+            why_not = "--realtime" if realtime else _as_job(job)
+            found: Result | None = None
+            if why_not is None:
+                found = asyncio.run(transform_job(job, args.server, key, progress))
+                if found is None:
+                    print("livemorph: the server takes no jobs; streaming in real time", file=err)
+            elif not realtime:
+                print(f"livemorph: {why_not}; streaming in real time", file=err)
+            if found is None:
+                progress = Progress(None, err)
+                found = asyncio.run(transform_remote(job, args.server, key, progress))
+            result = found
         else:
             result = asyncio.run(transform_local(job, settings, progress))
         progress.close()
