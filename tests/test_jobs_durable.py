@@ -183,3 +183,36 @@ def test_a_clusters_nodes_share_the_queue_and_finish_a_dead_nodes_job(
             f"{survivors[0].base_url}/v1/cluster", headers={"X-ADMIN-KEY": ADMIN}
         ).json()
         assert len(report["nodes"]) == 2
+
+
+def test_a_job_after_an_image_edit_runs_and_the_server_keeps_answering(tmp_path: Path) -> None:
+    """An edit converts frames with PyAV on the server's worker threads; the job's process
+    started after it must not inherit their state (uvloop's spawn ran Python's after-fork
+    cleanup in the child, which deadlocked it, and the server waiting for it)."""
+    import io
+
+    from PIL import Image
+
+    from tests.media import photo
+
+    picture = io.BytesIO()
+    Image.fromarray(photo(320, 240)).save(picture, format="PNG")
+    clip = make_clip(tmp_path / "clip.mp4", seconds=1.0, size=(160, 120))
+    node = start_server(tmp_path / "node", "--engine", "grade")
+    try:
+        edited = httpx.post(
+            f"{node.base_url}/v1/generate/lucy-image-2",
+            headers={"X-API-KEY": node.api_key},
+            files={"data": ("photo.png", picture.getvalue(), "image/png")},
+            data={"prompt": "anime"},
+            timeout=60,
+        )
+        assert edited.status_code == 200, edited.text
+        job_id = submit(node, node.api_key, clip)
+        assert wait_for(node, node.api_key, job_id, "completed", "failed", within=60) == {
+            "job_id": job_id,
+            "status": "completed",
+        }
+        assert httpx.get(f"{node.base_url}/healthz", timeout=5).status_code == 200
+    finally:
+        stop_server(node)

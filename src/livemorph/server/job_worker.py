@@ -31,7 +31,9 @@ import math
 import os
 import resource
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -58,6 +60,10 @@ POLL_SECONDS = 2.0
 OUTPUT_NAME = "output.mp4"
 #: The model whose admission decides whether a node has room for a job beside its sessions.
 ROOM_MODEL = "mirage"
+#: How often a running job's process is checked for its end, seconds.
+EXIT_POLL = 0.1
+#: The longest wait for a reader thread once its process has ended, seconds.
+READER_JOIN = 5.0
 #: Lines of a job process's stderr kept for the log when it ends badly.
 STDERR_LINES = 20
 
@@ -210,11 +216,16 @@ class JobWorker:
                 started,
             )
             return
-        process = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        # subprocess.Popen, not asyncio's: uvloop's spawn runs Python's after-fork cleanup
+        # in the child, which frees the other threads' state, PyAV's per-thread converters
+        # among them, and deadlocks the child and, waiting for it, the server. Popen's
+        # fork-exec runs no Python in the child.
+        process = await asyncio.to_thread(
+            subprocess.Popen,
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=self._env(),
         )
         self._running[job.id] = job
@@ -223,32 +234,38 @@ class JobWorker:
         self.progress[job.id] = (0, None)
         final: dict[str, Any] = {}
         errors: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        loop = asyncio.get_running_loop()
         readers = [
-            asyncio.create_task(self._read_lines(process, job.id, final)),
-            asyncio.create_task(_tail(process, errors)),
+            threading.Thread(
+                target=self._read_lines,
+                args=(process, job.id, final, loop),
+                name=f"job-{job.id}-out",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=_tail, args=(process, errors), name=f"job-{job.id}-err", daemon=True
+            ),
         ]
+        for reader in readers:
+            reader.start()
         try:
-            assert process.stdin is not None
-            process.stdin.write(spec.to_json().encode() + b"\n")
-            with contextlib.suppress(ConnectionError):
-                await process.stdin.drain()
-            process.stdin.close()
+            await asyncio.to_thread(_hand_over, process, spec.to_json().encode() + b"\n")
             # the lease is renewed with the progress, which a client may be polling
             renew_every = min(self.lease / 4, PROGRESS_EVERY)
-            while True:
-                try:
-                    async with asyncio.timeout(renew_every):
-                        await process.wait()
-                    break
-                except TimeoutError:
-                    pass
+            renewed = time.monotonic()
+            while process.poll() is None:
+                await asyncio.sleep(EXIT_POLL)
+                if time.monotonic() - renewed < renew_every:
+                    continue
+                renewed = time.monotonic()
                 done, total = self.progress.get(job.id, (0, None))
                 progress = done / total if total else None
                 if not await self.jobs.renew_lease(job.id, self.node, self.lease, progress):
                     logger.warning("job %s: its lease was lost; stopped", job.id)
                     await _kill(process)
                     return
-            await asyncio.gather(*readers)
+            for reader in readers:  # the pipes are at their end: the threads are too
+                await asyncio.to_thread(reader.join, READER_JOIN)
         except asyncio.CancelledError:
             await _kill(process)
             if self._stopping:
@@ -256,17 +273,23 @@ class JobWorker:
                     await self.jobs.release(job.id, self.node)
             raise
         finally:
-            for reader in readers:
-                reader.cancel()
             self._running.pop(job.id, None)
             self._pids.discard(process.pid)
             self.progress.pop(job.id, None)
             metrics.jobs_running.set(len(self._running))
         await self._finish(job, spec, process.returncode, final, errors, started)
 
-    async def _read_lines(self, process: Any, job_id: str, final: dict[str, Any]) -> None:
-        """The process's JSON lines: progress noted as it comes, the last word kept."""
-        async for line in process.stdout:
+    def _read_lines(
+        self,
+        process: subprocess.Popen[bytes],
+        job_id: str,
+        final: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """The process's JSON lines (on a thread of its own): progress noted as it comes,
+        the last word kept."""
+        assert process.stdout is not None
+        for line in process.stdout:
             try:
                 message = json.loads(line)
             except ValueError:
@@ -275,7 +298,8 @@ class JobWorker:
                 continue
             if "done" in message:
                 total = message.get("total")
-                self.progress[job_id] = (int(message["done"]), int(total) if total else None)
+                seen = (int(message["done"]), int(total) if total else None)
+                loop.call_soon_threadsafe(self.progress.__setitem__, job_id, seen)
             else:
                 final.update(message)
 
@@ -365,17 +389,27 @@ def _file_size(path: str) -> int | None:
         return None
 
 
-async def _tail(process: Any, lines: collections.deque[str]) -> None:
-    async for line in process.stderr:
+def _hand_over(process: subprocess.Popen[bytes], spec: bytes) -> None:
+    """Write the job to the process's stdin and close it; a process that died first has
+    nothing to read it (its exit status says what happened)."""
+    assert process.stdin is not None
+    with contextlib.suppress(BrokenPipeError, OSError):
+        process.stdin.write(spec)
+        process.stdin.close()
+
+
+def _tail(process: subprocess.Popen[bytes], lines: collections.deque[str]) -> None:
+    assert process.stderr is not None
+    for line in process.stderr:
         lines.append(line.decode(errors="replace").rstrip())
 
 
-async def _kill(process: Any) -> None:
-    if process.returncode is None:
+async def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
     with contextlib.suppress(Exception):
-        await process.wait()
+        await asyncio.to_thread(process.wait)
 
 
 def _protocol_reason(reason: str, output: str) -> str:
