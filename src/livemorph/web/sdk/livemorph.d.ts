@@ -228,6 +228,64 @@ export interface ServerModel {
   limitations: string | null;
 }
 
+/** How often `jobs.wait` and `jobs.submitAndWait` poll a job's status: 1000 ms. */
+export declare const JOB_POLL_INTERVAL_MS: number;
+
+/** A video to transform: a Blob or File, its bytes, or a URL (fetched). */
+export type VideoInput = Blob | File | ArrayBuffer | ArrayBufferView | string;
+
+export type JobState = "pending" | "processing" | "completed" | "failed";
+
+/** A batch job, as `GET /v1/jobs/{jobId}` says it is. */
+export interface JobStatus {
+  jobId: string;
+  status: JobState;
+  /** From 0 to 1 while it runs, where the server says it. */
+  progress?: number;
+  /** Why it failed (status "failed" only). */
+  error?: string;
+}
+
+export interface JobOptions {
+  /** The look; a prompt, a referenceImage, or both. */
+  prompt?: string;
+  referenceImage?: ImageInput;
+  /** Default true. */
+  enhancePrompt?: boolean;
+}
+
+export interface WaitOptions {
+  /** Hears each new status (progress included); awaited when it returns a promise. */
+  onProgress?: (status: JobStatus) => void | Promise<void>;
+  /** Between two polls, in ms (default 1000). */
+  pollInterval?: number;
+  /** Stops the waiting (a TIMEOUT error); the job goes on. */
+  signal?: AbortSignal;
+}
+
+export interface JobsAPI {
+  /** Queue a video job; refusals (bad key, unknown model, not a video) reject at once. */
+  submit(model: string, video: VideoInput, options: JobOptions): Promise<JobStatus>;
+  status(jobId: string): Promise<JobStatus>;
+  /** The completed job's MP4 (rejects while it is not completed). */
+  result(jobId: string): Promise<Blob>;
+  /** Resolves when completed; a failed job rejects with the server's reason. */
+  wait(jobId: string, options?: WaitOptions): Promise<JobStatus>;
+  /** submit, wait and result in one: the MP4. */
+  submitAndWait(
+    model: string,
+    video: VideoInput,
+    options: JobOptions & WaitOptions,
+  ): Promise<Blob>;
+}
+
+export interface EditImageOptions {
+  prompt: string;
+  referenceImage?: ImageInput;
+  /** Default true. */
+  enhancePrompt?: boolean;
+}
+
 export interface LivemorphClient {
   readonly baseUrl: string;
   readonly realtime: {
@@ -244,6 +302,10 @@ export interface LivemorphClient {
     }): Promise<Subscription>;
   };
   readonly tokens: { create(options?: TokenOptions): Promise<ClientToken> };
+  /** Batch video jobs: a file in, the transformed MP4 out, later. */
+  readonly jobs: JobsAPI;
+  /** Edit one picture (`lucy-image-2`, ...): the edited picture (PNG, or JPEG for a JPEG). */
+  editImage(model: string, image: ImageInput, options: EditImageOptions): Promise<Blob>;
   listModels(): Promise<ServerModel[]>;
 }
 

@@ -1405,6 +1405,191 @@ class RealtimeAPI {
   }
 }
 
+// -- batch work: video jobs and image edits ---------------------------------------------------
+
+/** How often `jobs.wait` and `jobs.submitAndWait` poll a job's status, in ms. */
+export const JOB_POLL_INTERVAL_MS = 1000;
+
+/** A refusal of the REST API (`{"error": ...}`) as a coded error. */
+async function refusal(what, response) {
+  let text = (await response.text().catch(() => "")).trim();
+  try {
+    text = String(JSON.parse(text).error ?? text);
+  } catch {
+    // not JSON: the text as it came
+  }
+  text = text.slice(0, 500) || `HTTP ${response.status}`;
+  const status = response.status;
+  let code = ERROR_CODES.SERVER_ERROR;
+  if (status === 401) code = ERROR_CODES.INVALID_API_KEY;
+  else if ((status === 403 || status === 404) && text.includes("model"))
+    code = ERROR_CODES.MODEL_NOT_FOUND;
+  else if ([400, 413, 415, 422].includes(status)) code = ERROR_CODES.INVALID_INPUT;
+  else if (status === 504) code = ERROR_CODES.TIMEOUT;
+  return new LivemorphError(code, `${what}: ${status} - ${text}`, { status });
+}
+
+async function call(config, what, path, init = {}) {
+  let response;
+  try {
+    response = await fetch(`${config.baseUrl}${path}`, {
+      ...init,
+      headers: { "X-API-KEY": config.apiKey },
+    });
+  } catch (error) {
+    const message = `${what}: ${error.message}`;
+    throw new LivemorphError(ERROR_CODES.SERVER_ERROR, message, undefined, error);
+  }
+  if (!response.ok) throw await refusal(what, response);
+  return response;
+}
+
+/** An image (anything `imageToBase64` takes) as a Blob to upload, 10 MB at most. */
+async function imageBlob(image) {
+  if (typeof Blob !== "undefined" && image instanceof Blob) {
+    checkImageSize(image.size);
+    return image;
+  }
+  const binary = atob(await imageToBase64(image));
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return new Blob([bytes]);
+}
+
+/** A video to upload: a Blob or File, bytes, or a URL (fetched). */
+async function videoBlob(video) {
+  if (typeof Blob !== "undefined" && video instanceof Blob) return video;
+  if (video instanceof ArrayBuffer || ArrayBuffer.isView(video)) return new Blob([video]);
+  if (typeof video === "string" && video) {
+    let response;
+    try {
+      response = await fetch(video);
+    } catch (error) {
+      throw new LivemorphError(
+        ERROR_CODES.INVALID_INPUT,
+        `cannot fetch video: ${error.message}`,
+        undefined,
+        error,
+      );
+    }
+    if (!response.ok) throw invalidInput(`cannot fetch video: HTTP ${response.status}`);
+    return response.blob();
+  }
+  throw invalidInput("video must be a Blob, a File, an ArrayBuffer or a URL");
+}
+
+function editForm(prompt, enhancePrompt) {
+  const form = new FormData();
+  if (prompt !== undefined && prompt !== null) form.append("prompt", String(prompt));
+  form.append("enhance_prompt", enhancePrompt === false ? "false" : "true");
+  return form;
+}
+
+function jobStatus(body) {
+  const status = { jobId: String(body.job_id), status: String(body.status) };
+  if (typeof body.progress === "number") status.progress = body.progress;
+  if (body.error !== undefined && body.error !== null) status.error = String(body.error);
+  return status;
+}
+
+function jobFailure(status) {
+  const reason = status.error || "the job failed";
+  const code = reason.startsWith("invalid") ? ERROR_CODES.INVALID_INPUT : ERROR_CODES.SERVER_ERROR;
+  return new LivemorphError(code, `job ${status.jobId} failed: ${reason}`, { job: status });
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const sameStatus = (a, b) =>
+  !!a && a.status === b.status && a.progress === b.progress && a.error === b.error;
+
+/** `client.jobs`: batch video jobs (`POST /v1/jobs/{model}`, its status and its MP4). */
+class JobsAPI {
+  constructor(config) {
+    this._config = config;
+  }
+
+  /**
+   * Submit a video (Blob, File, bytes or URL) with `prompt`, `referenceImage`, or both;
+   * resolves to `{jobId, status}` once the server has queued it.
+   */
+  async submit(model, video, options = {}) {
+    const { prompt, referenceImage, enhancePrompt } = options || {};
+    if ((prompt === undefined || prompt === null) && !referenceImage) {
+      throw invalidInput("give a prompt, a referenceImage, or both");
+    }
+    const form = editForm(prompt, enhancePrompt);
+    if (referenceImage) {
+      form.append("reference_image", await imageBlob(referenceImage), "reference");
+    }
+    form.append("data", await videoBlob(video), "video");
+    const name = typeof model === "string" ? model : model?.name;
+    const response = await call(
+      this._config,
+      "cannot submit the job",
+      `/v1/jobs/${encodeURIComponent(name)}`,
+      { method: "POST", body: form },
+    );
+    return jobStatus(await response.json());
+  }
+
+  /** The job's status: `{jobId, status, progress?, error?}` (progress 0..1 while it runs). */
+  async status(jobId) {
+    const path = `/v1/jobs/${encodeURIComponent(jobId)}`;
+    const response = await call(this._config, "cannot get the job's status", path);
+    return jobStatus(await response.json());
+  }
+
+  /** The completed job's video: a Blob of type video/mp4. */
+  async result(jobId) {
+    const path = `/v1/jobs/${encodeURIComponent(jobId)}/content`;
+    const response = await call(this._config, "cannot get the job's video", path);
+    return response.blob();
+  }
+
+  /**
+   * Poll until the job completes (resolves to its status) or fails (rejects with the server's
+   * reason); `onProgress` hears each new status. `signal` (an AbortSignal) stops the waiting.
+   */
+  async wait(jobId, options = {}) {
+    const { onProgress, pollInterval = JOB_POLL_INTERVAL_MS, signal } = options || {};
+    let last = null;
+    for (;;) {
+      if (signal?.aborted) {
+        throw new LivemorphError(ERROR_CODES.TIMEOUT, `stopped waiting for job ${jobId}`);
+      }
+      const status = await this.status(jobId);
+      if (onProgress && !sameStatus(last, status)) await onProgress(status);
+      last = status;
+      if (status.status === "failed") throw jobFailure(status);
+      if (status.status === "completed") return status;
+      await sleep(pollInterval);
+    }
+  }
+
+  /** `submit`, `wait` and `result` in one: the transformed video as a Blob (video/mp4). */
+  async submitAndWait(model, video, options = {}) {
+    const job = await this.submit(model, video, options);
+    await this.wait(job.jobId, options);
+    return this.result(job.jobId);
+  }
+}
+
+/** `POST /v1/generate/{model}`: the edited picture as a Blob (PNG, or JPEG for a JPEG). */
+async function editImage(config, model, image, options = {}) {
+  const { prompt, referenceImage, enhancePrompt } = options || {};
+  if (typeof prompt !== "string") throw invalidInput("editImage needs a prompt");
+  const form = editForm(prompt, enhancePrompt);
+  form.append("data", await imageBlob(image), "image");
+  if (referenceImage) form.append("reference_image", await imageBlob(referenceImage), "reference");
+  const response = await call(
+    config,
+    "cannot edit the image",
+    `/v1/generate/${encodeURIComponent(model)}`,
+    { method: "POST", body: form },
+  );
+  return response.blob();
+}
+
 async function createToken(config, options) {
   const init = { method: "POST", headers: { "X-API-KEY": config.apiKey } };
   if (options && Object.keys(options).length) {
@@ -1450,6 +1635,9 @@ export function createClient(options = {}) {
   return {
     baseUrl: base,
     realtime: new RealtimeAPI(config),
+    jobs: new JobsAPI(config),
+    /** Edit one picture (`lucy-image-2`, ...): `{prompt, referenceImage?, enhancePrompt?}`. */
+    editImage: (model, image, editOptions) => editImage(config, model, image, editOptions),
     tokens: {
       /** Mint a client token with this (permanent) key: `{apiKey, expiresAt, ...}`. */
       create: (tokenOptions) => createToken(config, tokenOptions),
