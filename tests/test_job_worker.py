@@ -361,3 +361,26 @@ async def test_a_running_jobs_progress_is_in_its_status(tmp_path: Path) -> None:
         assert seen[-1] == {"job_id": job["job_id"], "status": "processing", "progress": 0.25}
         body = await finished(client, base, key, job["job_id"])
         assert "progress" not in body
+
+
+async def test_the_housekeeping_deletes_expired_uploads_too(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", engine="grade", job_workers=0)
+    async with serve_in_process(settings) as server, httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{server.base_url}/v1/files",
+            headers={"X-API-KEY": server.api_key},
+            files={"file": ("a.bin", b"x" * 1000, "application/octet-stream")},
+            data={"ttl_seconds": "60"},
+        )
+        assert response.status_code == 200, response.text
+        file_id = response.json()["id"]
+        worker = _worker(server)
+        folder = worker.files.root / file_id
+        assert folder.exists()
+        server.clock.advance(120)
+        await worker.sweep()
+        assert not folder.exists()
+        gone = await client.get(
+            f"{server.base_url}/v1/files/{file_id}", headers={"X-API-KEY": server.api_key}
+        )
+        assert gone.status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._version import __version__
 from ..config import Settings, cors_origins
+from ..storage.files import FileStore
 from ..storage.store import WallClock, utcnow
 from . import admin, files, generate, jobs, metrics, rest, rtc, stream, web
 from .limits import Clock
@@ -94,6 +96,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.open()
+        worker = state.job_worker
+        if worker is not None:  # uploaded files expire with the jobs' housekeeping
+            worker.sweepers.append(
+                functools.partial(files.sweep_expired, FileStore(state.store), worker.files)
+            )
         try:
             yield
         finally:

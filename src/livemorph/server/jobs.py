@@ -24,6 +24,7 @@ from ..media.frames import image_to_rgb
 from ..models import VIDEO_MODELS
 from ..protocol import MAX_IMAGE_BYTES, check_prompt
 from ..storage import DiskBudgetExceeded
+from ..storage.files import FileStore
 from ..storage.jobs import COMPLETED, FAILED, PROCESSING, new_job_id
 from ..transform import Source, TransformError
 from .job_worker import JobWorker
@@ -179,7 +180,9 @@ async def submit(request: Request, model: str) -> Response:
                 raise _BadInput(400, f"invalid request body: seed must be an integer, not {seed!r}")
             incoming = (data.size or 0) + (reference.size or 0 if reference else 0)
             try:
-                worker.files.check_budget(incoming, await worker.jobs.bytes_in_use())
+                uploads = await FileStore(state.store).bytes_in_use()
+                in_use = await worker.jobs.bytes_in_use() + uploads
+                worker.files.check_budget(incoming, in_use)
             except DiskBudgetExceeded as exc:
                 raise _BadInput(507, str(exc)) from None
             size = await _save(worker, job_id, INPUT_NAME, data, MAX_VIDEO_BYTES)
