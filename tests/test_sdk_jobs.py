@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -156,3 +157,23 @@ async def test_an_image_edit_comes_back_its_size_and_edited(tmp_path: Path) -> N
         with pytest.raises(LivemorphError) as caught:
             await client.edit_image("lucy-9", path, prompt="anime")
         assert caught.value.code == ErrorCode.MODEL_NOT_FOUND
+
+
+async def test_a_server_without_jobs_is_told_apart() -> None:
+    def answer(routes: bool):  # type: ignore[no-untyped-def]
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.headers["x-api-key"] == "bad":
+                return httpx.Response(401, json={"error": "invalid api key"})
+            if routes:
+                return httpx.Response(404, json={"error": "job not found: '0000000000000000'"})
+            return httpx.Response(404, json={"detail": "Not Found"})
+
+        return httpx.MockTransport(handler)
+
+    for routes in (True, False):
+        async with create_client("k", "http://jobs.test", transport=answer(routes)) as client:
+            assert await client.jobs.available() is routes
+    async with create_client("bad", "http://jobs.test", transport=answer(True)) as client:
+        with pytest.raises(LivemorphError) as caught:
+            await client.jobs.available()
+        assert caught.value.code == ErrorCode.INVALID_API_KEY

@@ -143,36 +143,34 @@ class JobsClient:
     def _headers(self) -> dict[str, str]:
         return {"X-API-KEY": self._client.api_key}
 
-    async def _get(self, what: str, path: str, tries: int = 1) -> httpx.Response:
-        """GET `path` (up to `tries` times while the server cannot be reached); a refusal
-        raises at once."""
+    async def _send(self, what: str, path: str, tries: int = 1) -> httpx.Response:
+        """GET `path`, up to `tries` times while the server cannot be reached."""
         for attempt in range(tries):
             try:
-                response = await self._client._http.get(
+                return await self._client._http.get(
                     f"{self._client.base_url}{path}", headers=self._headers()
                 )
-                break
             except httpx.TransportError as exc:
                 if attempt + 1 >= tries:
                     raise LivemorphError(f"{what}: {_said(exc)}", ErrorCode.SERVER_ERROR) from None
                 await asyncio.sleep(POLL_INTERVAL * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _get(self, what: str, path: str, tries: int = 1) -> httpx.Response:
+        """GET `path` (see `_send`); a refusal raises."""
+        response = await self._send(what, path, tries)
         if response.status_code != 200:
             raise _refusal(what, response)
         return response
 
     async def available(self) -> bool:
         """Whether the server takes jobs: its job routes answer (an unknown job's 404 in
-        their words) rather than the 404 or 405 of a server without them."""
-        try:
-            response = await self._client._http.get(
-                f"{self._client.base_url}/v1/jobs/0000000000000000", headers=self._headers()
-            )
-        except httpx.HTTPError as exc:
-            raise LivemorphError(
-                f"cannot reach the server: {_said(exc)}", ErrorCode.SERVER_ERROR
-            ) from None
+        their words) rather than the 404 or 405 of a server without them. A bad key
+        raises INVALID_API_KEY, an unreachable server SERVER_ERROR."""
+        what = "cannot look for jobs"
+        response = await self._send(what, "/v1/jobs/0000000000000000", tries=STATUS_TRIES)
         if response.status_code == 401:
-            raise _refusal("cannot look for jobs", response)
+            raise _refusal(what, response)
         try:
             body = response.json()
         except ValueError:
