@@ -191,8 +191,8 @@ def _run_process(spec: JobSpec, env: dict[str, str]) -> subprocess.CompletedProc
 def test_the_job_process_reports_progress_then_its_result(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", seconds=1.0, size=SIZE)
     out = tmp_path / "out.mp4"
-    spec = JobSpec(str(clip), str(out), "mirage", "anime", None, False, os.getpid())
-    done = _run_process(spec, settings_env(Settings(engine="grade")))
+    spec = JobSpec(str(clip), str(out), "mirage", "anime", None, False, os.getpid(), "grade")
+    done = _run_process(spec, settings_env(Settings()))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines[0] == {"done": 1, "total": len(Clip(clip).rgb)}
@@ -204,8 +204,8 @@ def test_the_job_process_says_why_an_input_cannot_be_read(tmp_path: Path) -> Non
     bad = tmp_path / "not-a-video.mp4"
     bad.write_bytes(b"these bytes are no video" * 100)
     out = tmp_path / "out.mp4"
-    spec = JobSpec(str(bad), str(out), "mirage", "anime", None, False, os.getpid())
-    done = _run_process(spec, settings_env(Settings(engine="grade")))
+    spec = JobSpec(str(bad), str(out), "mirage", "anime", None, False, os.getpid(), "grade")
+    done = _run_process(spec, settings_env(Settings()))
     assert done.returncode == BAD_INPUT
     (line,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert line["error"].startswith("cannot read"), line
@@ -234,27 +234,37 @@ def test_the_job_process_runs_only_on_cpu_nobody_else_wants() -> None:
         assert policy.endswith(" 19"), done.stdout
 
 
-def test_the_job_process_gets_the_nodes_engine_settings_and_no_others() -> None:
+def test_the_job_process_gets_the_nodes_policy_settings_and_no_others() -> None:
     env = settings_env(
         Settings(engine="grade", model_engines="mirage=passthrough", admin_key="secret")
     )
-    assert env == {
-        "LIVEMORPH_ENGINE": "grade",
-        "LIVEMORPH_MODEL_ENGINES": "mirage=passthrough",
-        "LIVEMORPH_MODERATION_TIMEOUT": "2.0",
-        "LIVEMORPH_ENHANCER_TIMEOUT": "3.0",
-    }
+    assert env == {"LIVEMORPH_MODERATION_TIMEOUT": "2.0", "LIVEMORPH_ENHANCER_TIMEOUT": "3.0"}
 
 
-async def test_the_worker_passes_its_settings_not_the_environments(
+async def test_the_job_names_the_engine_the_node_serves_its_model_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The engine comes in the job, not the environment: a node whose engines include one
+    only its own process knows (a bench's) still runs jobs of the other models."""
     monkeypatch.setenv("LIVEMORPH_ENGINE", "passthrough")
     monkeypatch.setenv("LIVEMORPH_ADMIN_KEY", "not for jobs")
-    settings = Settings(data_dir=tmp_path / "data", engine="grade", job_workers=0)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        engine="grade",
+        model_engines="mirage_v2=passthrough",
+        job_workers=0,
+    )
     async with serve_in_process(settings) as server:
-        env = _worker(server)._env()
-    assert env["LIVEMORPH_ENGINE"] == "grade" and "LIVEMORPH_ADMIN_KEY" not in env
+        worker = _worker(server)
+        env = worker._env()
+        job = await worker.jobs.create_job(await _key_id(server), "lucy-restyle-2", "x/in", 1)
+        spec = worker._spec(job)
+        other = worker._spec(
+            await worker.jobs.create_job(await _key_id(server), "mirage_v2", "y/in", 1)
+        )
+    assert "LIVEMORPH_ENGINE" not in env and "LIVEMORPH_ADMIN_KEY" not in env
+    assert (spec.model, spec.engine) == ("lucy-restyle-2", "grade")
+    assert (other.model, other.engine) == ("mirage_v2", "passthrough")
 
 
 def _frames(path: Path, size: tuple[int, int], times: list[float], container: str) -> bytes:

@@ -20,8 +20,9 @@ Why a process rather than a task of the server's:
   killed, a thread cannot. And it dies with the server (`PR_SET_PDEATHSIG`), so a server
   killed mid-job leaves no orphan still writing the job's files.
 
-It runs `transform.transform_local`, as `livemorph transform` does, with the node's engine
-and policy settings, which it receives in the environment as `LIVEMORPH_*` variables
+It runs `transform.transform_local`, as `livemorph transform` does, on the engine the node
+serves the job's model with (named in the job: `JobSpec.engine`), with the node's prompt
+policy settings, which it receives in the environment as `LIVEMORPH_*` variables
 (`settings_env`).
 """
 
@@ -36,17 +37,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from .config import Settings, options
 from .transform import Job, Progress, TimedPrompt, TransformError, transform_local
 
-#: The node's settings a job's process is given: the engines and the prompt policy.
+#: The node's settings a job's process is given: the prompt policy, and where the text
+#: encoder's weights are (the engine itself is named in the job).
 JOB_SETTINGS = (
-    "engine",
-    "model_engines",
     "text_model",
     "moderation_blocklist",
     "moderation_url",
@@ -76,6 +76,9 @@ class JobSpec:
     enhance: bool
     #: The worker's process id: the job's process ends at once if it is no longer its parent.
     parent: int
+    #: The engine spec the node serves `model` with (`neural`, `diffusion:model=DIR`...);
+    #: None: the model's default.
+    engine: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -149,6 +152,7 @@ def run(spec: JobSpec, settings: Settings, out: TextIO) -> int:
         image=spec.image,
         enhance=spec.enhance,
     )
+    settings = replace(settings, engine=spec.engine, model_engines=None)
     try:
         result = asyncio.run(transform_local(job, settings, _Lines(out)))
     except TransformError as exc:

@@ -182,14 +182,16 @@ class JobWorker:
     def _spec(self, job: Job) -> JobSpec:
         params = job.params or {}
         reference = params.get("reference_image")
+        model = VIDEO_MODELS.get(job.model, job.model)
         return JobSpec(
             input=str(self.files.path(job.input_path)),
             output=str(self.files.job_dir(job.id) / OUTPUT_NAME),
-            model=VIDEO_MODELS.get(job.model, job.model),
+            model=model,
             prompt=params.get("prompt"),
             image=str(self.files.path(reference)) if reference else None,
             enhance=bool(params.get("enhance_prompt", True)),
             parent=os.getpid(),
+            engine=self.state.engines.engine_spec(model),
         )
 
     def _env(self) -> dict[str, str]:
