@@ -64,6 +64,7 @@ def test_a_file_goes_as_a_job_and_comes_back_whole(
     last = err.splitlines()[-1]
     assert f"wrote {out}: 30 frames" in last and "latency" not in last
     assert "30/30 frames (100%)" in err, err
+    assert f"submitted to {keyed.base_url}" in err.splitlines()[0]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "a hidden file left"
 
 
@@ -107,3 +108,24 @@ def test_a_refused_job_is_one_line_and_writes_nothing(
     status, err = transform(capsys, clip, out, "--model", "mirage", "--prompt", "x", "--realtime")
     assert status == 2 and "--realtime is for --server" in err
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4"]
+
+
+def test_a_server_without_jobs_gets_the_file_in_real_time(
+    keyed: LiveServer, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_jobs(self: object) -> bool:
+        return False
+
+    monkeypatch.setattr("livemorph.sdk.jobs.JobsClient.available", no_jobs)
+    clip = make_clip(tmp_path / "clip.mp4", seconds=0.6)
+    out = tmp_path / "out.mp4"
+    before = job_files(keyed)
+    status, err = transform(
+        capsys, clip, out, "--model", "mirage", "--prompt", "anime", "--server", keyed.base_url
+    )
+    assert status == 0, err
+    assert "the server takes no jobs; streaming in real time" in err
+    assert "latency" in err.splitlines()[-1]
+    assert job_files(keyed) == before
+    assert len(Clip(out).rgb) == 15
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]

@@ -1037,6 +1037,11 @@ async def transform_job(job: Job, server: str, api_key: str, progress: Progress)
                     reference_image=job.image,
                     enhance_prompt=job.enhance,
                 )
+                print(
+                    f"livemorph: job {submitted.job_id} submitted to {server}",
+                    file=progress.stream,
+                    flush=True,
+                )
                 progress.total = frames
                 running = False
 
