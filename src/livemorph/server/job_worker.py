@@ -44,6 +44,7 @@ from ..config import options
 from ..job_process import BAD_INPUT, JobSpec, settings_env
 from ..models import CATALOG, VIDEO_MODELS
 from ..storage import Job, JobFiles, JobStore
+from ..storage.files import FileStore
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -114,6 +115,12 @@ class JobWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+    async def check_disk(self, incoming: int) -> None:
+        """Refuse (DiskBudgetExceeded) `incoming` more bytes in the jobs folder when its
+        budget or the disk cannot hold them beside the jobs' files and the uploads."""
+        in_use = await self.jobs.bytes_in_use() + await FileStore(self.state.store).bytes_in_use()
+        self.files.check_budget(incoming, in_use)
 
     def cpu_seconds(self) -> float:
         """CPU seconds the job processes have used so far (capacity.py counts them as idle:
@@ -218,6 +225,9 @@ class JobWorker:
                 started,
             )
             return
+        # an earlier run stopped midway (its node killed, its lease lost) left its
+        # half-written output in the job's folder, where nothing else would delete it
+        await asyncio.to_thread(_clear_parts, Path(spec.output))
         # subprocess.Popen, not asyncio's: uvloop's spawn runs Python's after-fork cleanup
         # in the child, which frees the other threads' state, PyAV's per-thread converters
         # among them, and deadlocks the child and, waiting for it, the server. Popen's
@@ -380,6 +390,14 @@ def _children_cpu() -> float:
     """CPU seconds (user and system) this process's ended, reaped children have used."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _clear_parts(output: Path) -> None:
+    """Delete the files an earlier run left half-written beside `output`: transform.py
+    writes the output to a hidden `.NAME.*.part*` file and renames it once whole."""
+    for part in output.parent.glob(f".{output.name}.*.part*"):
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 def _file_size(path: str) -> int | None:
