@@ -187,6 +187,8 @@ def test_nodes_share_the_queue_and_take_over_a_killed_nodes_job(
             str(LONG_SECONDS),
             "",
         ), row
+        kept = sorted(path.name for path in (tmp_path / "shared-jobs" / job_id).iterdir())
+        assert kept == ["input.video", "output.mp4"], "the killed run's leftovers deleted"
         finishers = [node for node in survivors if job_id in completed_by(node)]
         assert len(finishers) == 1, "completed by one survivor"
         assert job_id not in completed_by(victim)

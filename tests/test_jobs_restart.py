@@ -170,6 +170,10 @@ def test_a_job_killed_with_its_server_completes_after_restart_charged_once(
         assert frames == expected_frames
         assert seconds == pytest.approx(expected_seconds, abs=0.1)
 
+        # nothing of the killed run is left: its half-written output was deleted
+        kept = sorted(path.name for path in (data / "jobs" / job_id).iterdir())
+        assert kept == ["input.video", "output.mp4"], kept
+
         row = job_row(data, job_id)
         assert row["attempts"] == 2, "run twice: once killed, once to the end"
         assert row["charged_seconds"] == CLIP_SECONDS and row["claimed_by"] is None
