@@ -23,7 +23,7 @@ from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES
 from ..storage import DiskBudgetExceeded, JobFiles
 from ..storage.files import FileStore, StoredFile, new_file_id
 from .jobs import MAX_VIDEO_BYTES
-from .rest import caller, error
+from .rest import Refused, caller, error, multipart
 from .state import AppState
 
 router = APIRouter()
@@ -36,13 +36,6 @@ MAX_TTL_SECONDS = 720 * 60 * 60
 #: The file's name in its folder.
 CONTENT_NAME = "content"
 _CHUNK = 1 << 20
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _stores(request: Request) -> tuple[AppState, FileStore, JobFiles]:
@@ -64,7 +57,7 @@ def _ttl(text: str | None) -> timedelta | None:
     if text == "persistent":
         return None
     if not text.isdigit() or not MIN_TTL_SECONDS <= int(text) <= MAX_TTL_SECONDS:
-        raise _Refused(
+        raise Refused(
             400,
             f"invalid request body: ttl_seconds must be an integer in [{MIN_TTL_SECONDS}, "
             f"{MAX_TTL_SECONDS}] or persistent, not {text!r}",
@@ -94,7 +87,7 @@ def _not_found(file_id: str) -> Response:
 
 async def _save(files: JobFiles, file_id: str, upload: UploadFile, limit: int) -> int:
     """Write the upload into the file's folder, atomically; its size."""
-    too_large = _Refused(413, f"file too large: file may be at most {limit // (1 << 20)} MB")
+    too_large = Refused(413, f"file too large: file may be at most {limit // (1 << 20)} MB")
 
     def copy() -> int:
         size = 0
@@ -122,38 +115,34 @@ async def upload(request: Request) -> Response:
         return error(413, f"file too large: file may be at most {MAX_VIDEO_BYTES >> 20} MB")
     file_id = new_file_id()
     try:
-        try:
-            form = await request.form(max_files=1, max_fields=4)
-        except Exception as exc:
-            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-            raise _Refused(400, f"invalid request body: {detail}") from None
+        form = await multipart(request, max_files=1, max_fields=4)
         try:
             data = form.get("file")
             if data is None:
-                raise _Refused(400, "invalid request body: file is required")
+                raise Refused(400, "invalid request body: file is required")
             if not isinstance(data, UploadFile):
-                raise _Refused(400, "invalid request body: file must be a file, not text")
+                raise Refused(400, "invalid request body: file must be a file, not text")
             ttl_field = form.get("ttl_seconds")
             if isinstance(ttl_field, UploadFile):
-                raise _Refused(400, "invalid request body: ttl_seconds must be text, not a file")
+                raise Refused(400, "invalid request body: ttl_seconds must be text, not a file")
             ttl = _ttl(ttl_field)
             content_type = (data.content_type or "").split(";")[0].strip().lower()
             content_type = content_type or "application/octet-stream"
             limit = limit_for(content_type)
             if data.size is not None and data.size > limit:
-                raise _Refused(413, f"file too large: file may be at most {limit >> 20} MB")
-            in_use = await state.job_worker.jobs.bytes_in_use() if state.job_worker else 0
+                raise Refused(413, f"file too large: file may be at most {limit >> 20} MB")
+            assert state.job_worker is not None
             try:
-                files.check_budget(data.size or 0, in_use + await store.bytes_in_use())
+                await state.job_worker.check_disk(data.size or 0)
             except DiskBudgetExceeded as exc:
-                raise _Refused(507, str(exc)) from None
+                raise Refused(507, str(exc)) from None
             size = await _save(files, file_id, data, limit)
             if size == 0:
-                raise _Refused(400, "invalid request body: file is empty")
+                raise Refused(400, "invalid request body: file is empty")
             name = (data.filename or "")[:255] or None
         finally:
             await form.close()
-    except _Refused as exc:
+    except Refused as exc:
         files.delete(file_id)
         return error(exc.status, exc.message)
     except BaseException:

@@ -38,7 +38,7 @@ from ..models import IMAGE_MODELS, UnknownModelError
 from ..policy import Policy
 from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES, check_prompt
 from ..sessions.session import InputRefused, ModerationRefused, Session, new_session_id
-from .rest import batch_caller, error
+from .rest import Refused, batch_caller, error, multipart
 from .state import AppState
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,6 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
 
-class _BadInput(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _state(request: Request) -> AppState:
     return request.app.state.livemorph
 
@@ -84,12 +77,12 @@ async def _body(request: Request) -> bytes:
     """The request body, read no further than `MAX_BODY_BYTES`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _BadInput(413, IMAGE_TOO_LARGE)
+        raise Refused(413, IMAGE_TOO_LARGE)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise _BadInput(413, IMAGE_TOO_LARGE)
+            raise Refused(413, IMAGE_TOO_LARGE)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -103,11 +96,7 @@ async def _form(request: Request) -> dict[str, str | bytes]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     replay = Request(request.scope, receive)
-    try:
-        form = await replay.form(max_files=4, max_fields=16)
-    except Exception as exc:  # the multipart parser's errors, as HTTPException or its own
-        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-        raise _BadInput(400, f"invalid request body: {detail}") from None
+    form = await multipart(replay, max_files=4, max_fields=16)
     try:
         fields: dict[str, str | bytes] = {}
         for key, value in form.multi_items():
@@ -124,23 +113,23 @@ async def _image(form: dict[str, str | bytes], field: str) -> tuple[bytes, np.nd
     if value is None:
         return None
     if not isinstance(value, bytes):
-        raise _BadInput(415, f"invalid image: {field} must be an image file (PNG, JPEG or WebP)")
+        raise Refused(415, f"invalid image: {field} must be an image file (PNG, JPEG or WebP)")
     data = value
     if len(data) > MAX_IMAGE_BYTES:
-        raise _BadInput(413, IMAGE_TOO_LARGE)
+        raise Refused(413, IMAGE_TOO_LARGE)
     if not data:
-        raise _BadInput(400, f"invalid image: {field} is empty")
+        raise Refused(400, f"invalid image: {field} is empty")
     try:
         rgb = await asyncio.to_thread(image_to_rgb, data, MAX_EDIT_PIXELS)
     except ValueError as exc:
         if "too many pixels" in str(exc) or isinstance(exc.__cause__, Image.DecompressionBombError):
-            raise _BadInput(
+            raise Refused(
                 413, f"image too large: {field} may have at most {MAX_EDIT_PIXELS} pixels"
             ) from None
-        raise _BadInput(415, f"invalid image: {field}: {exc}") from None
+        raise Refused(415, f"invalid image: {field}: {exc}") from None
     height, width = rgb.shape[:2]
     if min(width, height) < MIN_EDIT_SIDE and field == "data":
-        raise _BadInput(422, f"image too small: each side of data at least {MIN_EDIT_SIDE} pixels")
+        raise Refused(422, f"image too small: each side of data at least {MIN_EDIT_SIDE} pixels")
     kind = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG"
     return data, rgb, kind
 
@@ -150,7 +139,7 @@ def _text(form: dict[str, str | bytes], field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _BadInput(400, f"invalid request body: {field} must be text, not a file")
+        raise Refused(400, f"invalid request body: {field} must be text, not a file")
     return value
 
 
@@ -160,9 +149,7 @@ def _enhance(form: dict[str, str | bytes]) -> bool:
         return True
     if value.strip().lower() in _FALSE:
         return False
-    raise _BadInput(
-        400, f"invalid request body: enhance_prompt must be true or false, not {value!r}"
-    )
+    raise Refused(400, f"invalid request body: enhance_prompt must be true or false, not {value!r}")
 
 
 def _encode(rgb: np.ndarray, kind: str) -> tuple[bytes, str]:
@@ -243,20 +230,20 @@ async def generate(request: Request, model: str) -> Response:
         form = await _form(request)
         data = await _image(form, "data")
         if data is None:
-            raise _BadInput(400, "invalid request body: data (the image to edit) is required")
+            raise Refused(400, "invalid request body: data (the image to edit) is required")
         raw_prompt = _text(form, "prompt")
         if raw_prompt is None:
-            raise _BadInput(400, "invalid request body: prompt is required")
+            raise Refused(400, "invalid request body: prompt is required")
         try:
             prompt = check_prompt(raw_prompt)
         except ValueError as exc:
-            raise _BadInput(400, str(exc)) from None
+            raise Refused(400, str(exc)) from None
         enhance = _enhance(form)
         reference = await _image(form, "reference_image")
         seed = _text(form, "seed")
         if seed is not None and not seed.strip().lstrip("-").isdigit():
-            raise _BadInput(400, f"invalid request body: seed must be an integer, not {seed!r}")
-    except _BadInput as exc:
+            raise Refused(400, f"invalid request body: seed must be an integer, not {seed!r}")
+    except Refused as exc:
         return error(exc.status, exc.message)
     image, rgb, kind = data
     refused = await Policy(state.moderator, state.enhancer).refusal(prompt=prompt, image=image)

@@ -24,12 +24,11 @@ from ..media.frames import image_to_rgb
 from ..models import VIDEO_MODELS
 from ..protocol import MAX_IMAGE_BYTES, check_prompt
 from ..storage import DiskBudgetExceeded
-from ..storage.files import FileStore
 from ..storage.jobs import COMPLETED, FAILED, PROCESSING, new_job_id
 from ..transform import Source, TransformError
 from .job_worker import JobWorker
 from .metrics import KEY_JOB_LIMIT_REASON
-from .rest import batch_caller, caller, error
+from .rest import Refused, batch_caller, caller, error, multipart
 from .state import AppState
 
 router = APIRouter()
@@ -50,13 +49,6 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
 
-class _BadInput(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _worker(request: Request) -> tuple[AppState, JobWorker]:
     state: AppState = request.app.state.livemorph
     assert state.job_worker is not None, "the app state is not open"
@@ -68,7 +60,7 @@ def _text(form: Any, field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, UploadFile):
-        raise _BadInput(400, f"invalid request body: {field} must be text, not a file")
+        raise Refused(400, f"invalid request body: {field} must be text, not a file")
     return str(value)
 
 
@@ -77,7 +69,7 @@ def _check_reference(path: Path) -> None:
     try:
         image_to_rgb(path.read_bytes(), MAX_VIDEO_PIXELS)
     except ValueError as exc:
-        raise _BadInput(415, f"invalid image: reference_image: {exc}") from None
+        raise Refused(415, f"invalid image: reference_image: {exc}") from None
 
 
 def _probe(path: Path) -> None:
@@ -85,18 +77,16 @@ def _probe(path: Path) -> None:
     try:
         source = Source.open(path)
     except TransformError:
-        raise _BadInput(
-            415, "invalid video: data is not a video file this server can read"
-        ) from None
+        raise Refused(415, "invalid video: data is not a video file this server can read") from None
     try:
         if source.width * source.height > MAX_VIDEO_PIXELS:
-            raise _BadInput(
+            raise Refused(
                 413,
                 f"video frame too large: at most {MAX_VIDEO_PIXELS} pixels (3840x2160), "
                 f"this one is {source.width}x{source.height}",
             )
         if source.duration is not None and source.duration > MAX_VIDEO_SECONDS:
-            raise _BadInput(
+            raise Refused(
                 413,
                 f"video too long: at most {MAX_VIDEO_SECONDS // 60} minutes, "
                 f"this one is {source.duration:.0f} s",
@@ -107,7 +97,7 @@ def _probe(path: Path) -> None:
 
 async def _save(worker: JobWorker, job_id: str, name: str, upload: UploadFile, limit: int) -> int:
     """Write the upload into the job's folder, atomically; its size."""
-    too_large = _BadInput(413, f"file too large: {name} may be at most {limit // (1 << 20)} MB")
+    too_large = Refused(413, f"file too large: {name} may be at most {limit // (1 << 20)} MB")
 
     def copy() -> int:
         size = 0
@@ -144,50 +134,44 @@ async def submit(request: Request, model: str) -> Response:
         return error(413, f"file too large: data may be at most {MAX_VIDEO_BYTES >> 20} MB")
     job_id = new_job_id()
     try:
-        try:
-            form = await request.form(max_files=4, max_fields=16)
-        except Exception as exc:
-            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-            raise _BadInput(400, f"invalid request body: {detail}") from None
+        form = await multipart(request, max_files=4, max_fields=16)
         try:
             data = form.get("data")
             if data is None:
-                raise _BadInput(400, "invalid request body: data (the video) is required")
+                raise Refused(400, "invalid request body: data (the video) is required")
             if not isinstance(data, UploadFile):
-                raise _BadInput(415, "invalid video: data must be a video file")
+                raise Refused(415, "invalid video: data must be a video file")
             reference = form.get("reference_image")
             if reference is not None and not isinstance(reference, UploadFile):
-                raise _BadInput(415, "invalid image: reference_image must be an image file")
+                raise Refused(415, "invalid image: reference_image must be an image file")
             raw_prompt = _text(form, "prompt")
             prompt: str | None = None
             if raw_prompt is None and reference is None:
-                raise _BadInput(400, "invalid request body: prompt or reference_image is required")
+                raise Refused(400, "invalid request body: prompt or reference_image is required")
             if raw_prompt is not None and (raw_prompt.strip() or reference is None):
                 # an empty prompt beside a reference image is none (as lucy-2.1's clients send)
                 try:
                     prompt = check_prompt(raw_prompt)
                 except ValueError as exc:
-                    raise _BadInput(400, str(exc)) from None
+                    raise Refused(400, str(exc)) from None
             enhance_text = (_text(form, "enhance_prompt") or "true").strip().lower()
             if enhance_text not in _TRUE | _FALSE:
-                raise _BadInput(
+                raise Refused(
                     400,
                     f"invalid request body: enhance_prompt must be true or false, "
                     f"not {enhance_text!r}",
                 )
             seed = _text(form, "seed")
             if seed is not None and not seed.strip().lstrip("-").isdigit():
-                raise _BadInput(400, f"invalid request body: seed must be an integer, not {seed!r}")
+                raise Refused(400, f"invalid request body: seed must be an integer, not {seed!r}")
             incoming = (data.size or 0) + (reference.size or 0 if reference else 0)
             try:
-                uploads = await FileStore(state.store).bytes_in_use()
-                in_use = await worker.jobs.bytes_in_use() + uploads
-                worker.files.check_budget(incoming, in_use)
+                await worker.check_disk(incoming)
             except DiskBudgetExceeded as exc:
-                raise _BadInput(507, str(exc)) from None
+                raise Refused(507, str(exc)) from None
             size = await _save(worker, job_id, INPUT_NAME, data, MAX_VIDEO_BYTES)
             if size == 0:
-                raise _BadInput(400, "invalid video: data is empty")
+                raise Refused(400, "invalid video: data is empty")
             params: dict[str, Any] = {"prompt": prompt, "enhance_prompt": enhance_text in _TRUE}
             if reference is not None:
                 await _save(worker, job_id, REFERENCE_NAME, reference, MAX_IMAGE_BYTES)
@@ -198,7 +182,7 @@ async def submit(request: Request, model: str) -> Response:
             await asyncio.to_thread(_probe, worker.files.path(input_path))
         finally:
             await form.close()
-    except _BadInput as exc:
+    except Refused as exc:
         worker.files.delete(job_id)
         return error(exc.status, exc.message)
     except BaseException:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import FormData
 
 from ..cluster import ClusterUnavailable
 from ..models import CATALOG, IMAGE_MODELS, UnknownModelError
@@ -88,6 +89,25 @@ def _state(request: Request) -> AppState:
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Refused(Exception):
+    """A batch request (`/v1/generate`, `/v1/jobs`, `/v1/files`) refused: the status and
+    the words the client reads (`error(exc.status, exc.message)`)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def multipart(request: Request, *, max_files: int, max_fields: int) -> FormData:
+    """The request's multipart form; Refused(400) in the parser's words when it is none."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except Exception as exc:  # the multipart parser's errors, as HTTPException or its own
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise Refused(400, f"invalid request body: {detail}") from None
 
 
 async def caller(state: AppState, key: str | None) -> Principal | JSONResponse:
