@@ -1,6 +1,6 @@
-"""Batch jobs survive what servers go through, with real `livemorph serve` processes: a node
-killed (SIGKILL) mid-job and started again, and a cluster (PostgreSQL, redis-server, one
-shared jobs folder) whose nodes share the queue and take over a killed node's job."""
+"""Batch jobs with real `livemorph serve` processes: a cluster (PostgreSQL, redis-server, one
+shared jobs folder) whose nodes share the queue and take over a killed node's job, and a
+job started after an image edit. A single node killed mid-job: tests/test_jobs_restart.py."""
 
 from __future__ import annotations
 
@@ -80,48 +80,6 @@ def usage_seconds(node: LiveServer, key: str) -> int:
     response = httpx.get(f"{node.base_url}/v1/usage", headers={"X-API-KEY": key})
     assert response.status_code == 200, response.text
     return int(response.json()["totalSeconds"])
-
-
-def test_a_job_killed_with_its_server_runs_again_at_restart_and_is_charged_once(
-    tmp_path: Path,
-) -> None:
-    clip = make_clip(tmp_path / "clip.mp4", seconds=3.0, size=(160, 120))
-    data = tmp_path / "node"
-    node = start_server(data, *SLOW_ENGINE)
-    key = node.api_key
-    try:
-        job_id = submit(node, key, clip)
-        body = wait_for(node, key, job_id, "processing", "completed", "failed")
-        assert body["status"] == "processing", body
-        deadline = time.monotonic() + 30
-        while not (job_processes := children(node.process.pid)):
-            assert time.monotonic() < deadline, "no job process"
-            time.sleep(0.05)
-        os.kill(node.process.pid, signal.SIGKILL)
-        node.process.wait(timeout=10)
-        # the job's process dies with its server, not left writing the job's files
-        deadline = time.monotonic() + 5
-        while any(alive(pid) for pid in job_processes):
-            assert time.monotonic() < deadline, "the job's process outlived its server"
-            time.sleep(0.05)
-    finally:
-        if node.process.poll() is None:
-            stop_server(node)
-    restarted = start_server(data, *SLOW_ENGINE)
-    try:
-        body = wait_for(restarted, key, job_id, "completed", "failed")
-        assert body == {"job_id": job_id, "status": "completed"}, body
-        content = httpx.get(
-            f"{restarted.base_url}/v1/jobs/{job_id}/content", headers={"X-API-KEY": key}
-        )
-        assert content.status_code == 200
-        out = tmp_path / "out.mp4"
-        out.write_bytes(content.content)
-        assert seconds_of(out) == pytest.approx(seconds_of(clip), abs=0.1)
-        assert usage_seconds(restarted, key) == 3, "charged once, for 3 s of video"
-        assert "job" in restarted.log
-    finally:
-        stop_server(restarted)
 
 
 @pytest.fixture(scope="module")
