@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import av
 import httpx
 import pytest
 
@@ -21,10 +20,6 @@ from tests.test_cluster import ADMIN, cluster_of
 from tests.test_transform import make_clip
 
 pytestmark = pytest.mark.slow
-
-#: 60 ms of engine time a frame: a 3 s clip at 25 fps takes about 4.5 s, long enough to
-#: kill the server in the middle of it.
-SLOW_ENGINE = ("--engine", "sleep:60")
 
 
 def submit(node: LiveServer, key: str, clip: Path) -> str:
@@ -51,29 +46,6 @@ def wait_for(node: LiveServer, key: str, job_id: str, *states: str, within: floa
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
     return body
-
-
-def children(pid: int) -> list[int]:
-    """The processes `pid` started that still run (Linux)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def seconds_of(path: Path) -> float:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        assert stream.duration is not None and stream.time_base is not None
-        return float(stream.duration * stream.time_base)
 
 
 def usage_seconds(node: LiveServer, key: str) -> int:
