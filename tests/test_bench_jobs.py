@@ -19,7 +19,7 @@ RATIO = r"(\d+\.\d+|nan)"
 
 def test_the_jobs_bench_prints_its_figures() -> None:
     tiny = ["--clips", "2", "--clip-seconds", "1", "--workers", "1"]
-    tiny += ["--seconds", "3", "--warmup", "1", "--capacity", "off", "--engine", "grade"]
+    tiny += ["--seconds", "2", "--warmup", "0.5", "--capacity", "off", "--engine", "grade"]
     result = subprocess.run(
         [sys.executable, str(BENCH), *tiny],
         capture_output=True,

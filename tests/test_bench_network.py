@@ -21,7 +21,7 @@ NUMBER = r"(\d+(?:\.\d+)?)"
 def test_the_network_bench_prints_both_clients() -> None:
     require_chromium()
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--loss", "2", "--seconds", "7", "--dropout-at", "2"],
+        [sys.executable, str(BENCH), "--loss", "2", "--seconds", "5", "--dropout-at", "1.5"],
         capture_output=True,
         text=True,
         timeout=300,
