@@ -23,7 +23,7 @@ from ..protocol import IMAGE_TOO_LARGE, MAX_IMAGE_BYTES
 from ..storage import DiskBudgetExceeded, JobFiles
 from ..storage.files import FileStore, StoredFile, new_file_id
 from .jobs import MAX_VIDEO_BYTES
-from .rest import Refused, caller, error, multipart
+from .rest import Refused, caller, error, multipart, save_upload
 from .state import AppState
 
 router = APIRouter()
@@ -35,7 +35,6 @@ MIN_TTL_SECONDS = 60
 MAX_TTL_SECONDS = 720 * 60 * 60
 #: The file's name in its folder.
 CONTENT_NAME = "content"
-_CHUNK = 1 << 20
 
 
 def _stores(request: Request) -> tuple[AppState, FileStore, JobFiles]:
@@ -85,23 +84,6 @@ def _not_found(file_id: str) -> Response:
     return error(404, f"file not found: {file_id!r}")
 
 
-async def _save(files: JobFiles, file_id: str, upload: UploadFile, limit: int) -> int:
-    """Write the upload into the file's folder, atomically; its size."""
-    too_large = Refused(413, f"file too large: file may be at most {limit // (1 << 20)} MB")
-
-    def copy() -> int:
-        size = 0
-        with files.open_atomic(file_id, CONTENT_NAME) as out:
-            while chunk := upload.file.read(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                out.write(chunk)
-        return size
-
-    return await asyncio.to_thread(copy)
-
-
 @router.post("/v1/files", response_model=None)
 async def upload(request: Request) -> Response:
     """Keep a file (multipart `file`, optionally `ttl_seconds`); answered with its
@@ -136,7 +118,7 @@ async def upload(request: Request) -> Response:
                 await state.job_worker.check_disk(data.size or 0)
             except DiskBudgetExceeded as exc:
                 raise Refused(507, str(exc)) from None
-            size = await _save(files, file_id, data, limit)
+            size = await save_upload(files, file_id, CONTENT_NAME, data, limit, "file")
             if size == 0:
                 raise Refused(400, "invalid request body: file is empty")
             name = (data.filename or "")[:255] or None

@@ -28,7 +28,7 @@ from ..storage.jobs import COMPLETED, FAILED, PROCESSING, new_job_id
 from ..transform import Source, TransformError
 from .job_worker import JobWorker
 from .metrics import KEY_JOB_LIMIT_REASON
-from .rest import Refused, batch_caller, caller, error, multipart
+from .rest import Refused, batch_caller, caller, error, multipart, save_upload
 from .state import AppState
 
 router = APIRouter()
@@ -43,7 +43,6 @@ MAX_VIDEO_PIXELS = 3840 * 2160
 #: The input's name in the job's folder.
 INPUT_NAME = "input.video"
 REFERENCE_NAME = "reference.image"
-_CHUNK = 1 << 20
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -93,23 +92,6 @@ def _probe(path: Path) -> None:
             )
     finally:
         source.close()
-
-
-async def _save(worker: JobWorker, job_id: str, name: str, upload: UploadFile, limit: int) -> int:
-    """Write the upload into the job's folder, atomically; its size."""
-    too_large = Refused(413, f"file too large: {name} may be at most {limit // (1 << 20)} MB")
-
-    def copy() -> int:
-        size = 0
-        with worker.files.open_atomic(job_id, name) as out:
-            while chunk := upload.file.read(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                out.write(chunk)
-        return size
-
-    return await asyncio.to_thread(copy)
 
 
 @router.post("/v1/jobs/{model}", response_model=None)
@@ -169,12 +151,16 @@ async def submit(request: Request, model: str) -> Response:
                 await worker.check_disk(incoming)
             except DiskBudgetExceeded as exc:
                 raise Refused(507, str(exc)) from None
-            size = await _save(worker, job_id, INPUT_NAME, data, MAX_VIDEO_BYTES)
+            size = await save_upload(
+                worker.files, job_id, INPUT_NAME, data, MAX_VIDEO_BYTES, INPUT_NAME
+            )
             if size == 0:
                 raise Refused(400, "invalid video: data is empty")
             params: dict[str, Any] = {"prompt": prompt, "enhance_prompt": enhance_text in _TRUE}
             if reference is not None:
-                await _save(worker, job_id, REFERENCE_NAME, reference, MAX_IMAGE_BYTES)
+                await save_upload(
+                    worker.files, job_id, REFERENCE_NAME, reference, MAX_IMAGE_BYTES, REFERENCE_NAME
+                )
                 params["reference_image"] = worker.files.relative(job_id, REFERENCE_NAME)
                 reference_path = worker.files.path(params["reference_image"])
                 await asyncio.to_thread(_check_reference, reference_path)

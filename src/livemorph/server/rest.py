@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -9,12 +10,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 
 from ..cluster import ClusterUnavailable
 from ..models import CATALOG, IMAGE_MODELS, UnknownModelError
 from ..sessions.metering import INSUFFICIENT_CREDITS
-from ..storage import ClientToken, Principal
+from ..storage import ClientToken, JobFiles, Principal
 from .limits import retry_after
 from .metrics import INVALID_KEY_REASON, RATE_LIMIT_REASON
 from .state import AppState
@@ -99,6 +100,31 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+#: Bytes copied at a time from an upload to its file.
+COPY_CHUNK = 1 << 20
+
+
+async def save_upload(
+    files: JobFiles, folder: str, name: str, upload: UploadFile, limit: int, what: str
+) -> int:
+    """Copy `upload` into the file `name` of `folder` in the jobs directory, whole or not
+    at all (`JobFiles.open_atomic`), on a worker thread; its size. Refused(413), naming
+    `what`, once it passes `limit` bytes."""
+    too_large = Refused(413, f"file too large: {what} may be at most {limit // (1 << 20)} MB")
+
+    def copy() -> int:
+        size = 0
+        with files.open_atomic(folder, name) as out:
+            while chunk := upload.file.read(COPY_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                out.write(chunk)
+        return size
+
+    return await asyncio.to_thread(copy)
 
 
 async def multipart(request: Request, *, max_files: int, max_fields: int) -> FormData:
