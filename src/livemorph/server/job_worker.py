@@ -90,7 +90,6 @@ class JobWorker:
         self.sweepers: list[Callable[[], Awaitable[object]]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._running: dict[str, Job] = {}
         self._stopping = False
         #: The running job processes' ids, and the CPU its ended children had used before.
         self._pids: set[int] = set()
@@ -240,9 +239,8 @@ class JobWorker:
             stderr=subprocess.PIPE,
             env=self._env(),
         )
-        self._running[job.id] = job
         self._pids.add(process.pid)
-        metrics.jobs_running.set(len(self._running))
+        metrics.jobs_running.set(len(self._pids))
         self.progress[job.id] = (0, None)
         final: dict[str, Any] = {}
         errors: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
@@ -285,10 +283,9 @@ class JobWorker:
                     await self.jobs.release(job.id, self.node)
             raise
         finally:
-            self._running.pop(job.id, None)
             self._pids.discard(process.pid)
             self.progress.pop(job.id, None)
-            metrics.jobs_running.set(len(self._running))
+            metrics.jobs_running.set(len(self._pids))
         await self._finish(job, spec, process.returncode, final, errors, started)
 
     def _read_lines(
